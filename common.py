@@ -434,8 +434,14 @@ class MetricsLogger:
     def truncate_after(self, step: int) -> None:
         if not self.path.exists():
             return
-        kept = [line for line in self.path.read_text().splitlines()
-                if line.strip() and json.loads(line).get("step", 0) <= step]
+        kept = []
+        for line in self.path.read_text().splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:  # a line torn by a crash mid-write: drop it
+                continue
+            if record.get("step", 0) <= step:
+                kept.append(line)
         tmp = self.path.with_name(self.path.name + ".tmp")
         tmp.write_text("".join(line + "\n" for line in kept))
         os.replace(tmp, self.path)
@@ -633,8 +639,8 @@ def load_cifar10(data_dir: str | Path, train: bool = True, download: bool = True
             raise UserError(f"{archive} does not contain the CIFAR-10 batches {names}")
     try:
         parts = [_read_cifar_batch(folder / n) for n in names]
-    except (pickle.UnpicklingError, ValueError, KeyError, EOFError, TypeError, OSError) as e:
-        raise UserError(f"corrupt CIFAR-10 file in {folder}: {e}") from None
+    except Exception as e:  # a damaged pickle can raise almost anything (LookupError, OverflowError, MemoryError, ...)
+        raise UserError(f"corrupt CIFAR-10 file in {folder}: {type(e).__name__}: {str(e)[:200]}".splitlines()[0]) from None
     images = torch.from_numpy(np.concatenate([p[0] for p in parts]))
     labels = torch.from_numpy(np.concatenate([p[1] for p in parts]))
     return images, labels
@@ -650,7 +656,11 @@ def load_mnist(data_dir: str | Path, train: bool = True, download: bool = True) 
 
     try:
         ds = MNIST(str(data_dir), train=train, download=False)
-    except RuntimeError:
+    except RuntimeError as e:
+        raw = Path(data_dir) / "MNIST" / "raw"
+        if all((raw / f"{s}-{kind}-ubyte").is_file() for s in ("train", "t10k") for kind in ("images-idx3", "labels-idx1")):
+            # the files torchvision looks for are all there, so this is a read error, not a missing dataset
+            raise UserError(f"cannot read MNIST in {raw}: {type(e).__name__}: {str(e).splitlines()[0][:200]}") from None
         if not download:
             raise UserError(f"MNIST not found in {data_dir}: put the idx files (train-images-idx3-ubyte, ...) "
                             f"in {Path(data_dir) / 'MNIST' / 'raw'}") from None
