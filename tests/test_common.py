@@ -447,6 +447,15 @@ def test_metrics_logger_appends_and_truncates(tmp_path):
     common.MetricsLogger(tmp_path / "nothing_yet").truncate_after(3)  # no file yet: nothing to do
 
 
+def test_metrics_logger_drops_a_torn_last_line_on_resume(tmp_path):
+    logger = common.MetricsLogger(tmp_path)
+    logger.log({"step": 1, "loss": 1.0})
+    with open(tmp_path / "metrics.jsonl", "a") as f:
+        f.write('{"step": 2, "lo')  # a crash in the middle of a write
+    logger.truncate_after(5)
+    assert [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [1]
+
+
 def test_write_json_atomic(tmp_path):
     path = tmp_path / "summary.json"
     common.write_json(path, {"fid": 12.5, "path": tmp_path})
