@@ -252,7 +252,9 @@ class _WeightNormMixin:
         return self.v * (self.g.view(gshape) / norm)
 
     def _wn_forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.training and not bool(self.initialized):
+        # Under torch.compile the check is skipped (run the init forward eagerly before compiling): bool() of a buffer
+        # is a data-dependent branch that would break the graph at every weight-normalised layer.
+        if self.training and not torch.compiler.is_compiling() and not bool(self.initialized):
             with torch.no_grad():
                 self.g.fill_(1.0)
                 self.bias.zero_()

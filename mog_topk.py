@@ -1,0 +1,483 @@
+"""Top-k GAN training on a 2-D mixture of Gaussians (the toy study of Sinha et al. 2020, Table 1 and Figure 2).
+
+Paper: Samarth Sinha, Zhengli Zhao, Anirudh Goyal, Colin Raffel, Augustus Odena,
+       "Top-k Training of GANs: Improving GAN Performance by Throwing Away Bad Samples", NeurIPS 2020
+       (arXiv:2002.06224). Table 1: 25 / 64 / 100 modes, 50k iterations, % high-quality samples and % modes.
+
+Example (the paper's 25-mode top-k cell, about 10-15 minutes on one CPU core):
+    python mog_topk.py --n-modes 25 --topk --iterations 50000 --seed 1
+
+Data. `--n-modes` (a perfect square: 25, 64, 100 in the paper) isotropic Gaussians with std `--std` 0.05 on a square
+grid with spacing `--grid-spacing` 2.0 centred on the origin (the 5x5 grid with centres at {-4,-2,0,2,4}^2 used by
+VEEGAN and PacGAN; `metrics.grid_centers`). Every batch is drawn on the device: a uniform mode index plus
+std * N(0, I). There is no fixed data set, so "an epoch" is defined by `--iters-per-epoch` (below).
+
+Models (details the paper leaves open, chosen as in the public VEEGAN/PacGAN-style reproductions):
+  * G: z ~ N(0, I) of dimension `--latent-dim` 2 -> Linear 256 -> ReLU -> Linear 256 -> ReLU -> Linear 256 -> ReLU
+    -> Linear 2 (four linear layers, linear output: the data are unbounded). With `--vbn` every hidden Linear is
+    followed by VirtualBatchNorm (reference batch: one fixed batch of latent vectors drawn at the start).
+  * D: x (2) -> Linear 256 -> ReLU -> Linear 256 -> ReLU -> Linear 256 -> ReLU -> [minibatch discrimination]
+    -> Linear 1 (a raw logit). The last hidden layer (256 units, after ReLU) is the feature layer of
+    `--feature-matching`; minibatch discrimination (`--minibatch-disc`) sits between it and the output layer.
+  * PyTorch's default Linear initialisation.
+  * Loss: non-saturating GAN loss (D: BCE on real=1 / fake=0; G: -log D(G(z))) on logits (softplus form).
+  * Adam, lr 1e-4 for both nets, betas (0.5, 0.999) (the DCGAN setting used by most MoG reproductions); batch 256;
+    one D step then one G step per iteration; the G step draws fresh latent vectors (Goodfellow et al. 2014,
+    Algorithm 1), it does not reuse the D step's fakes.
+
+Top-k (CONVENTIONS.md). The D update is never changed. In the G update every fake is scored by D's raw logit and
+the generator loss is computed on the k highest-scored fakes only (`--bottomk`: the k lowest, for analysis);
+k = max(mu, floor(B * gamma^epoch)), mu defaults to B/2, gamma to 0.99. Epoch = `--iters-per-epoch` 500
+iterations: with B = 256 and gamma = 0.99, k leaves 256 after the first epoch and reaches its floor 128 at epoch 69
+(iteration 34,500), so the last third of a 50k run trains at k = mu. (With 1000 iterations per epoch k would only
+fall to 154 within 50k iterations and never reach mu.)
+
+Improved-GAN techniques (Salimans et al. 2016), all combinable with `--topk`: `--feature-matching` (G loss =
+mean over features of (E f(real) - E f(fake_topk))^2 on D's last hidden layer, with a fresh real batch, as in
+openai/improved-gan), `--minibatch-disc` (`--mbd-kernels`, `--mbd-dim`; D's score of a fake then depends on its
+whole fake batch, which is why the D step runs real and fake through D separately in that case), `--hist-avg`,
+one-sided `--label-smoothing`, `--vbn`.
+
+Evaluation. Every `--eval-every` iterations and at the end: `--eval-samples` 10,000 samples from a fixed set of
+latent vectors (drawn once from a generator seeded by `--seed`, so evaluation never touches the training random
+stream), `metrics.mode_metrics` with threshold 4 sigma: the fraction of high-quality samples (within 4 sigma of the nearest
+mode), the fraction of modes recovered (both in [0, 1] in metrics.jsonl and summary.json; the sweep's table shows
+percentages) and the reverse KL of the high-quality samples' mode histogram to the uniform one. Each evaluation also writes `samples/step_XXXXXXX.png`, a scatter plot of the samples
+over the mode centres (high-quality samples in blue, others in red). The final one is saved as `samples.npz`
+(`samples`, `centers`, `std`) and summarised in `summary.json`.
+
+Speed (same maths as a textbook loop, measured by benchmarks/bench_mog.py): without minibatch discrimination the D
+step sends cat(real, fake) through D in one forward (D has no batch-dependent layer then, so each row's output is
+unchanged); G's forward in the D step runs under no_grad; D's parameters are frozen during the G step so no weight
+gradient of D is computed; fused Adam; losses are kept in a tensor buffer and read (and checked for NaN/inf) once
+every `--log-every` steps instead of calling .item() every step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import common
+import metrics
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    # run
+    p.add_argument("--seed", type=int, default=1, help="seed of python, numpy and torch")
+    p.add_argument("--torch-deterministic", action=argparse.BooleanOptionalAction, default=True,
+                   help="cuDNN deterministic algorithms")
+    p.add_argument("--device", type=str, default="auto", help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--threads", type=int, default=0,
+                   help="torch CPU threads (0: torch's default, which follows OMP_NUM_THREADS)")
+    p.add_argument("--out-dir", type=str, default="runs", help="parent folder of the run folder")
+    p.add_argument("--exp-name", type=str, default=os.path.basename(__file__)[: -len(".py")],
+                   help="run folder is <out-dir>/<exp-name>__<seed>__<unix time>")
+    p.add_argument("--track", action=argparse.BooleanOptionalAction, default=False,
+                   help="also log to TensorBoard (needs the tensorboard package)")
+    # data
+    p.add_argument("--n-modes", type=int, default=25, help="number of Gaussians, a perfect square (25, 64, 100)")
+    p.add_argument("--grid-spacing", type=float, default=2.0, help="distance between neighbouring mode centres")
+    p.add_argument("--std", type=float, default=0.05, help="standard deviation of every Gaussian")
+    # models and optimisation
+    p.add_argument("--latent-dim", type=int, default=2, help="dimension of G's input noise z ~ N(0, I)")
+    p.add_argument("--hidden-dim", type=int, default=256, help="hidden units of every layer of G and D")
+    p.add_argument("--batch-size", type=int, default=256, help="real and fake samples per step")
+    p.add_argument("--iterations", type=int, default=50000, help="training iterations (one D and one G step each)")
+    p.add_argument("--max-steps", type=int, default=None,
+                   help="stop after this many iterations (smoke runs, benchmarks); still a complete run folder")
+    p.add_argument("--lr-g", type=float, default=1e-4, help="Adam learning rate of G")
+    p.add_argument("--lr-d", type=float, default=1e-4, help="Adam learning rate of D")
+    p.add_argument("--beta1", type=float, default=0.5, help="Adam beta1 of both nets")
+    p.add_argument("--beta2", type=float, default=0.999, help="Adam beta2 of both nets")
+    # top-k
+    p.add_argument("--topk", action=argparse.BooleanOptionalAction, default=False,
+                   help="top-k generator update (Sinha et al. 2020)")
+    p.add_argument("--mu", type=int, default=None, help="floor of k in samples (default: half the batch); needs --topk")
+    p.add_argument("--gamma", type=float, default=0.99, help="k decay per epoch: k = max(mu, floor(B * gamma^epoch))")
+    p.add_argument("--iters-per-epoch", type=int, default=500, help="iterations that make one epoch of the k schedule")
+    p.add_argument("--bottomk", action=argparse.BooleanOptionalAction, default=False,
+                   help="keep the k LOWEST-scored fakes instead (analysis only); needs --topk")
+    # Improved-GAN techniques
+    p.add_argument("--feature-matching", action=argparse.BooleanOptionalAction, default=False,
+                   help="G loss = squared distance between mean D features (last hidden layer) of real and fake")
+    p.add_argument("--minibatch-disc", action=argparse.BooleanOptionalAction, default=False,
+                   help="minibatch discrimination layer before D's output")
+    p.add_argument("--mbd-kernels", type=int, default=100, help="minibatch discrimination: number of kernels")
+    p.add_argument("--mbd-dim", type=int, default=5, help="minibatch discrimination: dimension of each kernel")
+    p.add_argument("--hist-avg", type=float, default=0.0, help="historical averaging penalty weight on G and D (0 = off)")
+    p.add_argument("--label-smoothing", type=float, default=0.0,
+                   help="one-sided label smoothing: real target 1 - value (0 = off)")
+    p.add_argument("--vbn", action=argparse.BooleanOptionalAction, default=False,
+                   help="virtual batch normalisation after every hidden layer of G")
+    # evaluation, logging, checkpoints
+    p.add_argument("--eval-every", type=int, default=5000, help="evaluate and plot every N iterations (and at the end)")
+    p.add_argument("--eval-samples", type=int, default=10000, help="samples per evaluation")
+    p.add_argument("--log-every", type=int, default=500, help="write losses and it/s to metrics.jsonl every N steps")
+    p.add_argument("--save-every", type=int, default=5000, help="write checkpoints/last.pt every N iterations")
+    p.add_argument("--keep-checkpoints", action=argparse.BooleanOptionalAction, default=False,
+                   help="also keep checkpoints/step_XXXXXXX.pt at every --save-every (for the update-direction analysis)")
+    p.add_argument("--resume", type=str, default=None, help="continue from runs/<run>/checkpoints/last.pt")
+    args = p.parse_args(argv)
+    validate_args(args)
+    return args
+
+
+def validate_args(args) -> None:
+    """Every check that needs no file: raise common.UserError (one line) before anything is written."""
+    side = math.isqrt(args.n_modes) if args.n_modes > 0 else 0
+    if args.n_modes < 1 or side * side != args.n_modes:
+        raise common.UserError(f"--n-modes must be a perfect square (25, 64, 100, ...), got {args.n_modes}")
+    positive_ints = ["latent_dim", "hidden_dim", "batch_size", "iterations", "iters_per_epoch", "eval_every",
+                     "eval_samples", "log_every", "save_every", "mbd_kernels", "mbd_dim"]
+    for name in positive_ints:
+        if getattr(args, name) < 1:
+            raise common.UserError(f"--{name.replace('_', '-')} must be a positive integer, got {getattr(args, name)}")
+    if args.max_steps is not None and args.max_steps < 1:
+        raise common.UserError(f"--max-steps must be a positive integer, got {args.max_steps}")
+    for name in ["grid_spacing", "std", "lr_g", "lr_d"]:
+        value = getattr(args, name)
+        if not (math.isfinite(value) and value > 0):
+            raise common.UserError(f"--{name.replace('_', '-')} must be a positive number, got {value}")
+    for name in ["beta1", "beta2"]:
+        if not 0.0 <= getattr(args, name) < 1.0:
+            raise common.UserError(f"--{name} must be in [0, 1), got {getattr(args, name)}")
+    if not (math.isfinite(args.hist_avg) and args.hist_avg >= 0):
+        raise common.UserError(f"--hist-avg must be >= 0, got {args.hist_avg}")
+    if not 0.0 <= args.label_smoothing < 1.0:
+        raise common.UserError(f"--label-smoothing must be in [0, 1), got {args.label_smoothing}")
+    if args.threads < 0:
+        raise common.UserError(f"--threads must be >= 0, got {args.threads}")
+    if args.minibatch_disc and args.batch_size < 2:
+        raise common.UserError("--minibatch-disc needs --batch-size >= 2")
+    if not args.topk and args.mu is not None:
+        raise common.UserError("--mu only applies with --topk")
+    if not args.topk and args.bottomk:
+        raise common.UserError("--bottomk selects among the fakes of the top-k update: add --topk")
+    if args.mu is None:
+        args.mu = max(1, args.batch_size // 2)
+    common.validate_topk(args.batch_size, args.mu, args.gamma)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Models
+# ----------------------------------------------------------------------------------------------------------------
+class Generator(nn.Module):
+    """z (B, latent_dim) -> x (B, 2). Four linear layers, ReLU, optional VirtualBatchNorm after each hidden Linear."""
+
+    def __init__(self, latent_dim: int, hidden: int, vbn: bool = False):
+        super().__init__()
+        layers, width = [], latent_dim
+        for _ in range(3):
+            layers += [nn.Linear(width, hidden)] + ([common.VirtualBatchNorm(hidden)] if vbn else []) + [nn.ReLU()]
+            width = hidden
+        layers.append(nn.Linear(hidden, 2))
+        self.net = nn.Sequential(*layers)
+        self.vbn = vbn
+        self.register_buffer("z_ref", torch.zeros(0, latent_dim))  # VBN reference latents (set by main)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        if self.vbn:  # reference statistics are recomputed from the fixed reference batch with the current weights
+            common.vbn_reference_pass(self.net, self.z_ref)
+        return self.net(z)
+
+
+class Discriminator(nn.Module):
+    """x (B, 2) -> logit (B,). Three hidden Linear+ReLU layers (the feature layer is the last), optional minibatch
+    discrimination, Linear output. `forward(x, features=True)` also returns the features (B, hidden)."""
+
+    def __init__(self, hidden: int, mbd_kernels: int = 0, mbd_dim: int = 5):
+        super().__init__()
+        self.trunk = nn.Sequential(nn.Linear(2, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(),
+                                   nn.Linear(hidden, hidden), nn.ReLU())
+        self.mbd = common.MinibatchDiscrimination(hidden, mbd_kernels, mbd_dim) if mbd_kernels > 0 else None
+        self.out = nn.Linear(hidden + (mbd_kernels if mbd_kernels > 0 else 0), 1)
+
+    def forward(self, x: torch.Tensor, features: bool = False):
+        f = self.trunk(x)
+        h = self.mbd(f) if self.mbd is not None else f
+        logit = self.out(h).squeeze(1)
+        return (logit, f) if features else logit
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Data, one training step, evaluation
+# ----------------------------------------------------------------------------------------------------------------
+def sample_real(centers: torch.Tensor, std: float, n: int, gen: torch.Generator) -> torch.Tensor:
+    """n samples of the uniform mixture of N(centers[i], std^2 I), drawn on centers' device with `gen`."""
+    idx = torch.randint(0, centers.shape[0], (n,), generator=gen, device=centers.device)
+    return centers[idx] + std * torch.randn(n, 2, generator=gen, device=centers.device)
+
+
+class StepConfig:
+    """What `train_step` needs besides the nets: loss options, and the hist-avg trackers (None when off)."""
+
+    def __init__(self, args, G: nn.Module, D: nn.Module):
+        self.largest = not args.bottomk
+        self.label_smoothing = args.label_smoothing
+        self.feature_matching = args.feature_matching
+        self.joint_d_forward = not args.minibatch_disc  # only valid when D has no batch-dependent layer
+        self.hist_avg = args.hist_avg
+        self.ha_g = common.HistoricalAverage(G) if args.hist_avg > 0 else None
+        self.ha_d = common.HistoricalAverage(D) if args.hist_avg > 0 else None
+
+
+def train_step(G, D, opt_g, opt_d, cfg: StepConfig, real_d, z_d, z_g, real_g, k: int):
+    """One iteration: a D step on (real_d, G(z_d)), then a G step on the top-k of G(z_g).
+
+    real_g is the real batch of the feature-matching G loss (None otherwise). Returns the (detached) D and G losses
+    as 0-d tensors; reading them is left to the caller so the step itself never synchronises.
+    """
+    B = z_g.shape[0]
+    # --- discriminator step (never changed by top-k) ---
+    with torch.no_grad():
+        fake_d = G(z_d)
+    if cfg.joint_d_forward:  # one forward of cat(real, fake): identical per-row maths without batch-dependent layers
+        logits = D(torch.cat([real_d, fake_d]))
+        d_real, d_fake = logits[: real_d.shape[0]], logits[real_d.shape[0]:]
+    else:  # minibatch discrimination compares a sample with its batch-mates: real and fake batches stay apart
+        d_real, d_fake = D(real_d), D(fake_d)
+    # ALGO LOGIC: one-sided label smoothing; BCE(logit, t) = t * softplus(-logit) + (1 - t) * softplus(logit)
+    s = cfg.label_smoothing
+    loss_d = (1.0 - s) * F.softplus(-d_real).mean() + F.softplus(d_fake).mean()
+    if s > 0:
+        loss_d = loss_d + s * F.softplus(d_real).mean()
+    if cfg.ha_d is not None:  # ALGO LOGIC: historical averaging
+        loss_d = loss_d + cfg.hist_avg * cfg.ha_d.penalty(D)
+    opt_d.zero_grad(set_to_none=True)
+    loss_d.backward()
+    opt_d.step()
+    if cfg.ha_d is not None:
+        cfg.ha_d.update(D)
+
+    # --- generator step ---
+    D.requires_grad_(False)  # gradients flow through D to the fakes, but D's own weight gradients are not needed
+    fake_g = G(z_g)
+    scores, f_fake = D(fake_g, features=True)
+    # ALGO LOGIC (top-k): score every fake by D's raw logit; the G loss uses only the k highest (lowest: --bottomk)
+    if k < B:
+        keep = common.select_topk(scores, k, largest=cfg.largest)
+        scores, f_fake = scores[keep], f_fake[keep]
+    if cfg.feature_matching:  # ALGO LOGIC: feature matching on D's last hidden layer
+        with torch.no_grad():
+            _, f_real = D(real_g, features=True)
+        loss_g = (f_real.mean(0) - f_fake.mean(0)).pow(2).mean()
+    else:  # non-saturating loss -log sigmoid(D(G(z)))
+        loss_g = F.softplus(-scores).mean()
+    if cfg.ha_g is not None:
+        loss_g = loss_g + cfg.hist_avg * cfg.ha_g.penalty(G)
+    opt_g.zero_grad(set_to_none=True)
+    loss_g.backward()
+    opt_g.step()
+    D.requires_grad_(True)
+    if cfg.ha_g is not None:
+        cfg.ha_g.update(G)
+    return loss_d.detach(), loss_g.detach()
+
+
+@torch.no_grad()
+def generate(G: nn.Module, z: torch.Tensor, chunk: int = 10000) -> np.ndarray:
+    """G(z) as a float32 numpy array (n, 2), in chunks."""
+    return torch.cat([G(z[i: i + chunk]) for i in range(0, z.shape[0], chunk)]).float().cpu().numpy()
+
+
+def scatter_png(path: Path, samples: np.ndarray, centers: np.ndarray, std: float, title: str, size: int = 560) -> None:
+    """Scatter plot of `samples` over the mode centres with Pillow: samples within 4 sigma of their nearest centre
+    (high quality) in blue, the others in red; each centre drawn as its 4-sigma circle."""
+    from PIL import Image, ImageDraw
+
+    pad = float(np.ptp(centers)) / (math.isqrt(len(centers)) - 1) if len(centers) > 1 else 1.0  # one grid step
+    lo, hi = float(centers.min()) - pad, float(centers.max()) + pad
+    margin_top = 24
+    img = Image.new("RGB", (size, size + margin_top), "white")
+    draw = ImageDraw.Draw(img)
+
+    def to_px(xy):
+        u = (xy[..., 0] - lo) / (hi - lo) * (size - 1)
+        v = (hi - xy[..., 1]) / (hi - lo) * (size - 1) + margin_top
+        return u, v
+
+    d2 = ((samples[:, None, :] - centers[None, :, :]) ** 2).sum(-1).min(1)
+    good = d2 <= (4.0 * std) ** 2
+    u, v = to_px(samples)
+    inside = (u >= 0) & (u < size) & (v >= margin_top) & (v < size + margin_top)
+    r4 = 4.0 * std / (hi - lo) * (size - 1)
+    cu, cv = to_px(centers)
+    for x, y in zip(cu, cv):
+        draw.ellipse([x - r4, y - r4, x + r4, y + r4], outline=(150, 150, 150))
+    for mask, colour in ((~good & inside, (220, 40, 40)), (good & inside, (30, 80, 220))):
+        for x, y in zip(u[mask], v[mask]):
+            draw.point([(x, y), (x + 1, y), (x, y + 1), (x + 1, y + 1)], fill=colour)
+    draw.text((6, 6), title, fill=(0, 0, 0))
+    img.save(path)
+
+
+def evaluate(G, z_eval, centers_np, std):
+    """Samples from the fixed evaluation latents and their `metrics.mode_metrics` (threshold 4 sigma)."""
+    samples = generate(G, z_eval)
+    result = metrics.mode_metrics(samples, centers_np, std, threshold=4.0)
+    return samples, {key: result[key] for key in ("high_quality", "modes_recovered", "reverse_kl")}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+def main(argv=None):
+    args = parse_args(argv)
+    device = common.pick_device(args.device)
+    resume_state = common.load_checkpoint(args.resume, map_location=device) if args.resume else None
+    if resume_state is not None:
+        common.check_resume_config(resume_state["args"], args, allowed=("threads", "log_every", "keep_checkpoints"))
+        if resume_state["step"] > args.iterations:
+            raise common.UserError(f"--resume: checkpoint is at iteration {resume_state['step']}, beyond --iterations "
+                                   f"{args.iterations}")
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+
+    # seeding
+    common.seed_everything(args.seed, args.torch_deterministic)
+    gen = torch.Generator(device=device).manual_seed(args.seed)  # every training batch and latent vector
+    eval_gen = torch.Generator(device=device).manual_seed(args.seed + 1_000_003)  # fixed evaluation latents
+
+    # data
+    centers_np = np.asarray(metrics.grid_centers(args.n_modes, args.grid_spacing), dtype=np.float32)
+    centers = torch.from_numpy(centers_np).to(device)
+    z_eval = torch.randn(args.eval_samples, args.latent_dim, generator=eval_gen, device=device)
+
+    # models and optimisers
+    G = Generator(args.latent_dim, args.hidden_dim, vbn=args.vbn).to(device)
+    D = Discriminator(args.hidden_dim, args.mbd_kernels if args.minibatch_disc else 0, args.mbd_dim).to(device)
+    if args.vbn:
+        G.z_ref = torch.randn(args.batch_size, args.latent_dim, generator=eval_gen, device=device)
+    fused = device.type in ("cpu", "cuda")
+    opt_g = torch.optim.Adam(G.parameters(), lr=args.lr_g, betas=(args.beta1, args.beta2), fused=fused)
+    opt_d = torch.optim.Adam(D.parameters(), lr=args.lr_d, betas=(args.beta1, args.beta2), fused=fused)
+    cfg = StepConfig(args, G, D)
+
+    # resume
+    step = 0
+    if resume_state is not None:
+        G.load_state_dict(resume_state["G"])
+        D.load_state_dict(resume_state["D"])
+        opt_g.load_state_dict(resume_state["opt_g"])
+        opt_d.load_state_dict(resume_state["opt_d"])
+        if cfg.ha_g is not None:
+            cfg.ha_g.load_state_dict(resume_state["ha_g"])
+            cfg.ha_d.load_state_dict(resume_state["ha_d"])
+        common.set_rng_state(resume_state["rng"])
+        gen.set_state(resume_state["gen"].cpu())
+        step = int(resume_state["step"])
+        run_dir = common.make_run_dir(args, resume_dir=Path(args.resume).resolve().parent.parent)
+    else:
+        run_dir = common.make_run_dir(args)
+    logger = common.MetricsLogger(run_dir, track=args.track)
+    logger.truncate_after(step)
+    print(f"run folder: {run_dir}", flush=True)
+
+    def checkpoint_state(step_, k_):
+        state = {"G": G.state_dict(), "D": D.state_dict(), "opt_g": opt_g.state_dict(), "opt_d": opt_d.state_dict(),
+                 "rng": common.rng_state(), "gen": gen.get_state(), "step": step_, "epoch": step_ // args.iters_per_epoch,
+                 "k": k_, "args": vars(args)}
+        if cfg.ha_g is not None:
+            state["ha_g"], state["ha_d"] = cfg.ha_g.state_dict(), cfg.ha_d.state_dict()
+        return state
+
+    def k_at(step_):  # k of the iteration that follows `step_` completed iterations
+        return common.topk_k(args.batch_size, step_ // args.iters_per_epoch, args.mu, args.gamma) if args.topk \
+            else args.batch_size
+
+    def run_eval(step_):
+        samples, result = evaluate(G, z_eval, centers_np, args.std)
+        scatter_png(run_dir / "samples" / f"step_{step_:07d}.png", samples, centers_np, args.std,
+                    f"step {step_}  HQ {100 * result['high_quality']:.1f}%  modes {100 * result['modes_recovered']:.1f}%  "
+                    f"rKL {result['reverse_kl']:.3f}")
+        logger.log({"step": step_, "epoch": step_ // args.iters_per_epoch, "k": k_at(max(step_ - 1, 0)),
+                    **{f"eval/{key}": value for key, value in result.items()}})
+        print(f"eval @ {step_}: " + "  ".join(f"{key}={value:.4g}" for key, value in result.items()), flush=True)
+        return samples, result
+
+    # training loop
+    end = min(args.iterations, args.max_steps) if args.max_steps is not None else args.iterations
+    B = args.batch_size
+    loss_buf = torch.zeros(args.log_every, 2, device=device)
+    buf_start, filled = step, 0
+    progress = common.Progress(end, start=step)
+    t_start, t_flush = time.perf_counter(), time.perf_counter()
+    last_saved = step if resume_state is not None else None
+    if step == 0 and step < end:
+        run_eval(0)
+
+    def flush(step_):
+        """Read the buffered losses: stop on NaN/inf (naming the step), log their mean and the speed."""
+        nonlocal buf_start, filled, t_flush
+        if filled == 0:
+            return
+        losses = loss_buf[:filled].cpu()
+        bad = ~torch.isfinite(losses).all(1)
+        if bool(bad.any()):
+            at = buf_start + int(bad.nonzero()[0, 0]) + 1
+            kept = f"last good checkpoint: {run_dir / 'checkpoints' / 'last.pt'} (iteration {last_saved})" \
+                if last_saved is not None else "no checkpoint was written yet"
+            raise common.UserError(f"non-finite loss at iteration {at} (D {losses[at - buf_start - 1, 0].item():.4g}, "
+                                   f"G {losses[at - buf_start - 1, 1].item():.4g}); stopped, {kept}")
+        now = time.perf_counter()
+        rate = filled / max(now - t_flush, 1e-9)
+        mean = losses.mean(0)
+        record = {"step": step_, "epoch": step_ // args.iters_per_epoch, "k": k_at(step_ - 1),
+                  "loss_d": float(mean[0]), "loss_g": float(mean[1]), "it_per_s": rate}
+        logger.log(record)
+        if progress.due(step_):
+            progress.report(step_, k=record["k"], loss_d=record["loss_d"], loss_g=record["loss_g"])
+        buf_start, filled, t_flush = step_, 0, now
+
+    G.train(), D.train()
+    while step < end:
+        k = k_at(step)
+        real_d = sample_real(centers, args.std, B, gen)
+        z_d = torch.randn(B, args.latent_dim, generator=gen, device=device)
+        z_g = torch.randn(B, args.latent_dim, generator=gen, device=device)
+        real_g = sample_real(centers, args.std, B, gen) if args.feature_matching else None
+        loss_d, loss_g = train_step(G, D, opt_g, opt_d, cfg, real_d, z_d, z_g, real_g, k)
+        loss_buf[filled, 0] = loss_d
+        loss_buf[filled, 1] = loss_g
+        filled += 1
+        step += 1
+        save_now = step % args.save_every == 0 or step == end
+        if step % args.log_every == 0 or save_now or step % args.eval_every == 0:
+            flush(step)
+        if step % args.eval_every == 0 and step < end:
+            run_eval(step)
+        if save_now:
+            state = checkpoint_state(step, k_at(step))
+            common.save_checkpoint(run_dir / "checkpoints" / "last.pt", state)
+            if args.keep_checkpoints:
+                common.save_checkpoint(run_dir / "checkpoints" / f"step_{step:07d}.pt", state)
+            last_saved = step
+    wall = time.perf_counter() - t_start
+
+    # final evaluation and summary
+    samples, result = run_eval(step)
+    np.savez(run_dir / "samples.npz", samples=samples, centers=centers_np, std=np.float32(args.std))
+    variant = ("bottomk" if args.bottomk else "topk") if args.topk else "gan"
+    summary = {**result, "step": step, "n_modes": args.n_modes, "variant": variant, "k_final": k_at(max(step - 1, 0)),
+               "seed": args.seed, "wall_time_s": wall, "it_per_s": (step - (int(resume_state["step"]) if resume_state
+                                                                           else 0)) / max(wall, 1e-9),
+               "device": str(device), "threads": torch.get_num_threads(), "eval_samples": args.eval_samples,
+               "threshold_sigma": 4.0}
+    common.write_json(run_dir / "summary.json", summary)
+    logger.close()
+    print(f"done: {run_dir}  HQ {100 * result['high_quality']:.2f}%  modes {100 * result['modes_recovered']:.2f}%  "
+          f"reverse KL {result['reverse_kl']:.4f}  ({wall:.0f} s)", flush=True)
+    return run_dir
+
+
+if __name__ == "__main__":
+    common.run_cli(main)

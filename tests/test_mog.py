@@ -1,0 +1,162 @@
+"""Tests of mog_topk.py (top-k GAN on a mixture of Gaussians) and its update-direction analysis."""
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import REPO, assert_one_line_error, only_run_dir, run_script
+
+import common
+import metrics
+import mog_topk
+
+sys.path.insert(0, str(REPO / "analysis"))
+import mog_update_direction  # noqa: E402
+
+TINY = ["--hidden-dim", "32", "--batch-size", "64", "--eval-samples", "2000", "--device", "cpu"]
+
+
+def read_jsonl(path):
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+@pytest.fixture(scope="module")
+def short_run(tmp_path_factory):
+    """A 50-iteration top-k run with a fast k schedule (epoch = 10 iterations, gamma 0.5, mu 10)."""
+    out = tmp_path_factory.mktemp("mog_short")
+    run_script("mog_topk.py", *TINY, "--n-modes", "25", "--iterations", "50", "--topk", "--mu", "10",
+               "--gamma", "0.5", "--iters-per-epoch", "10", "--log-every", "10", "--eval-every", "25",
+               "--save-every", "25", "--keep-checkpoints", "--out-dir", out, check=True, timeout=600)
+    return only_run_dir(out)
+
+
+def test_run_folder_and_summary_match_recomputed_metrics(short_run):
+    for name in ["args.json", "metrics.jsonl", "summary.json", "samples.npz", "checkpoints/last.pt",
+                 "checkpoints/step_0000025.pt", "samples/step_0000000.png", "samples/step_0000025.png",
+                 "samples/step_0000050.png"]:
+        assert (short_run / name).is_file(), name
+    summary = json.loads((short_run / "summary.json").read_text())
+    data = np.load(short_run / "samples.npz")
+    assert data["samples"].shape == (2000, 2) and data["centers"].shape == (25, 2)
+    np.testing.assert_allclose(data["centers"], metrics.grid_centers(25, 2.0))
+    recomputed = metrics.mode_metrics(data["samples"], data["centers"], float(data["std"]), threshold=4.0)
+    for key in ("high_quality", "modes_recovered", "reverse_kl"):
+        assert summary[key] == pytest.approx(recomputed[key], abs=1e-12), key
+    assert summary["step"] == 50 and summary["variant"] == "topk"
+    final_eval = [r for r in read_jsonl(short_run / "metrics.jsonl") if "eval/high_quality" in r][-1]
+    assert final_eval["step"] == 50 and final_eval["eval/high_quality"] == pytest.approx(summary["high_quality"])
+
+
+def test_k_schedule_over_epochs(short_run):
+    # k = max(mu, floor(64 * 0.5**epoch)), epoch = iteration // 10 (0-based): the record at step s is the k of the
+    # last iteration of its window, iteration s - 1. Records every 10 steps, plus at the checkpoint at step 25.
+    logged = {r["step"]: r["k"] for r in read_jsonl(short_run / "metrics.jsonl") if "loss_d" in r}
+    assert logged == {10: 64, 20: 32, 25: 16, 30: 16, 40: 10, 50: 10}
+    for epoch, k in enumerate([64, 32, 16, 10, 10]):
+        assert common.topk_k(64, epoch, 10, 0.5) == k
+
+
+def test_select_topk_and_bottomk_on_hand_made_scores():
+    scores = torch.tensor([0.1, 3.0, -2.0, 5.0, 1.0, -0.5])
+    assert sorted(common.select_topk(scores, 2).tolist()) == [1, 3]
+    assert sorted(common.select_topk(scores, 3, largest=False).tolist()) == [0, 2, 5]
+    assert sorted(common.select_topk(scores, 6).tolist()) == list(range(6))
+
+
+@pytest.mark.parametrize("bottomk", [False, True])
+def test_train_step_generator_gradient_uses_only_selected_fakes(bottomk):
+    """With D frozen (lr 0), G's gradient after train_step equals the gradient of the non-saturating loss on
+    the k highest (lowest) D scores, picked here by sorting."""
+    torch.manual_seed(0)
+    G, D = mog_topk.Generator(2, 16), mog_topk.Discriminator(16)
+    opt_g = torch.optim.Adam(G.parameters(), lr=1e-3)
+    opt_d = torch.optim.Adam(D.parameters(), lr=0.0)
+    ns = argparse.Namespace(bottomk=bottomk, label_smoothing=0.0, feature_matching=False, minibatch_disc=False,
+                            hist_avg=0.0)
+    cfg = mog_topk.StepConfig(ns, G, D)
+    real, z_d, z_g, k = torch.randn(8, 2), torch.randn(8, 2), torch.randn(8, 2), 3
+    G_ref = mog_topk.Generator(2, 16)
+    G_ref.load_state_dict(G.state_dict())
+    mog_topk.train_step(G, D, opt_g, opt_d, cfg, real, z_d, z_g, None, k)
+    scores = D(G_ref(z_g))
+    order = torch.argsort(scores.detach(), descending=not bottomk)[:k]
+    loss = F.softplus(-scores[order]).mean()
+    expected = torch.autograd.grad(loss, list(G_ref.parameters()))
+    for p, g in zip(G.parameters(), expected):
+        torch.testing.assert_close(p.grad, g, rtol=1e-5, atol=1e-7)
+
+
+def test_resume_equals_uninterrupted(tmp_path):
+    common_flags = [*TINY, "--n-modes", "4", "--iterations", "40", "--topk", "--iters-per-epoch", "10",
+                    "--log-every", "10", "--eval-every", "20", "--save-every", "20"]
+    run_script("mog_topk.py", *common_flags, "--out-dir", tmp_path / "a", check=True, timeout=600)
+    run_script("mog_topk.py", *common_flags, "--max-steps", "20", "--out-dir", tmp_path / "b", check=True, timeout=600)
+    b = only_run_dir(tmp_path / "b")
+    run_script("mog_topk.py", *common_flags, "--out-dir", tmp_path / "b", "--resume",
+               b / "checkpoints" / "last.pt", check=True, timeout=600)
+    a = only_run_dir(tmp_path / "a")
+    assert only_run_dir(tmp_path / "b") == b
+    np.testing.assert_array_equal(np.load(a / "samples.npz")["samples"], np.load(b / "samples.npz")["samples"])
+    strip = lambda rows: [{k: v for k, v in r.items() if k != "it_per_s"} for r in rows]  # noqa: E731
+    assert strip(read_jsonl(a / "metrics.jsonl")) == strip(read_jsonl(b / "metrics.jsonl"))
+    assert json.loads((b / "summary.json").read_text())["step"] == 40
+
+
+BAD_FLAGS = {"mu 0": ["--topk", "--mu", "0"], "mu > batch": ["--topk", "--mu", "65"],
+             "gamma 1.5": ["--topk", "--gamma", "1.5"], "negative iterations": ["--iterations", "-5"],
+             "30 modes": ["--n-modes", "30"], "bottomk without topk": ["--bottomk"]}
+
+
+def test_bad_flags_one_line_error(tmp_path):
+    # the six processes run side by side (interpreter start-up dominates their run time)
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1")
+    procs = {name: subprocess.Popen([sys.executable, str(REPO / "mog_topk.py"), *TINY, *flags, "--out-dir",
+                                     str(tmp_path / name.replace(" ", "_"))], cwd=REPO, env=env, text=True,
+                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+             for name, flags in BAD_FLAGS.items()}
+    # and a run that diverges (absurd learning rates): stopped at the first non-finite loss, named in one line
+    nan_out = tmp_path / "diverges"
+    procs["diverges"] = subprocess.Popen(
+        [sys.executable, str(REPO / "mog_topk.py"), *TINY, "--lr-g", "1e30", "--lr-d", "1e30", "--iterations", "30",
+         "--log-every", "10", "--eval-every", "10", "--out-dir", str(nan_out)], cwd=REPO, env=env, text=True,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    for name, proc in procs.items():
+        stdout, stderr = proc.communicate(timeout=600)
+        line = assert_one_line_error(subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr))
+        assert line.startswith("error: "), name
+        if name == "diverges":
+            assert "non-finite loss at iteration" in line, line
+            assert not (only_run_dir(nan_out) / "summary.json").exists()
+        else:
+            assert not (tmp_path / name.replace(" ", "_")).exists(), name  # nothing written before validation
+
+
+def test_update_direction_analysis(short_run, tmp_path):
+    result = mog_update_direction.main(["--checkpoint", str(short_run / "checkpoints" / "step_0000025.pt"),
+                                        "--batch-size", "500", "--k", "100", "--out", str(tmp_path)])
+    saved = json.loads((tmp_path / "update_direction.json").read_text())
+    assert (tmp_path / "update_direction.png").is_file()
+    assert saved["step"] == 25 and saved["k"] == 100
+    for variant in ("topk", "bottomk"):
+        assert sum(row["count"] for row in saved[variant]["all"]) == 500
+        assert sum(row["count"] for row in saved[variant]["selected"]) == 100
+        for row in saved[variant]["all"]:
+            assert row["mean_cos"] is None or -1.0 <= row["mean_cos"] <= 1.0
+    assert result["topk"]["mean_cos_all"] == pytest.approx(saved["topk"]["mean_cos_all"])
+
+
+def test_direction_stats_on_hand_made_points():
+    centers = np.array([[0.0, 0.0], [2.0, 0.0]])
+    before = np.array([[0.5, 0.0], [2.0, 0.3]])
+    after = np.array([[0.4, 0.0], [2.0, 0.4]])  # first moves towards its mode, second away
+    cos, dist = mog_update_direction.direction_stats(before, after, centers, std=0.05)
+    np.testing.assert_allclose(cos, [1.0, -1.0])
+    np.testing.assert_allclose(dist, [10.0, 6.0])
