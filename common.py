@@ -243,6 +243,11 @@ class _WeightNormMixin:
         self.g = nn.Parameter(torch.ones(out_features))
         self.bias = nn.Parameter(torch.zeros(out_features))
         self.register_buffer("initialized", torch.tensor(False))
+        self._init_checked = False
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        self._init_checked = False  # the loaded `initialized` flag decides again
+        super()._load_from_state_dict(*args, **kwargs)
 
     def _weight(self) -> torch.Tensor:
         dims = [d for d in range(self.v.dim()) if d != self.out_dim]
@@ -252,9 +257,12 @@ class _WeightNormMixin:
         return self.v * (self.g.view(gshape) / norm)
 
     def _wn_forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Under torch.compile the check is skipped (run the init forward eagerly before compiling): bool() of a buffer
-        # is a data-dependent branch that would break the graph at every weight-normalised layer.
-        if self.training and not torch.compiler.is_compiling() and not bool(self.initialized):
+        # The buffer is read once and the answer cached in Python: bool() of a tensor is a host-device sync on the
+        # GPU and a graph break under torch.compile (run the init forward eagerly, before compiling).
+        if self.training and not self._init_checked and not torch.compiler.is_compiling():
+            self._init_checked = True
+            if bool(self.initialized):
+                return self._apply_weight(x, self._weight(), self.bias)
             with torch.no_grad():
                 self.g.fill_(1.0)
                 self.bias.zero_()
