@@ -499,7 +499,7 @@ class Progress:
         overall = (step - self.step_start) / elapsed if elapsed > 0 else 0.0
         eta = (self.total - step) / overall if overall > 0 else float("nan")
         fields = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in values.items())
-        print(f"[{step}/{self.total}] {100.0 * step / max(self.total, 1):5.1f}% | {rate:7.1f} {self.unit}/s | "
+        print(f"[{step}/{self.total}] {100.0 * step / max(self.total, 1):5.1f}% | {rate:7.3g} {self.unit}/s | "
               f"ETA {_fmt_seconds(eta)} | {fields}", flush=True)
         self.t_last, self.step_last = time.perf_counter(), step
         return rate
