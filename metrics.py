@@ -150,9 +150,9 @@ def _trace_sqrt_product(sigma1: torch.Tensor, sigma2: torch.Tensor) -> torch.Ten
 
     For any factor F with Σ1 = F Fᵀ, Σ1Σ2 = F (Fᵀ Σ2) has the same non-zero eigenvalues as the symmetric PSD matrix
     Fᵀ Σ2 F, so tr(sqrtm(Σ1Σ2)) = Σ √eig(Fᵀ Σ2 F). With F = V diag(√w) from Σ1 = V diag(w) Vᵀ this matrix is
-    √Σ1 Σ2 √Σ1 written in Σ1's eigenbasis. When Σ1 is positive definite its Cholesky factor is used as F instead:
-    ~20x cheaper than a second eigendecomposition, which makes the usual case (both sets larger than d) about
-    twice as fast. Eigenvalues at round-off level (rank-deficient covariances, from fewer samples than dimensions;
+    √Σ1 Σ2 √Σ1 written in Σ1's eigenbasis. When Σ1 is positive definite (more samples than dimensions, the usual
+    case) its Cholesky factor is used as F instead: it costs a small fraction of an eigendecomposition (2048-d
+    on 2 CPU cores: 1.7 s instead of 2.1 s for the whole distance). Eigenvalues at round-off level (rank-deficient covariances, from fewer samples than dimensions;
     tiny negatives) are set to 0 in both decompositions; for Σ1 this drops their directions, which also shrinks
     the second eigenproblem to rank(Σ1) x rank(Σ1).
     """
@@ -183,7 +183,7 @@ def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
     mu: (d,), sigma: (d, d) symmetric PSD; numpy arrays or tensors (mixed is fine). Computed in float64 on the device
     of the first tensor argument (CPU for numpy): give CUDA tensors to run the eigendecompositions on the GPU.
     Returns a Python float equal to pytorch-fid's `calculate_frechet_distance` (scipy.linalg.sqrtm) within 1e-6
-    relative: ~1e-12 for full-rank covariances, ~1e-7 for rank-deficient ones (fewer samples than dimensions), where
+    relative: ~1e-12 to 1e-9 for full-rank covariances, ~1e-7 for rank-deficient ones (fewer samples than dimensions), where
     this route is the more accurate one (it matches the exact value computed through the data matrix to ~1e-15,
     sqrtm of the singular product does not). Symmetric in the two Gaussians up to round-off, never NaN for finite
     PSD inputs; identical inputs give ~±1e-12 rather than 0 (not clamped, to stay comparable with pytorch-fid).
