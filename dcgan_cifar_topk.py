@@ -69,6 +69,11 @@ Evaluation (every --eval-every epochs, and once at the end):
       batch-mates and sampling never changes the training state; the sampling noise has its own generator.
     - best.pt = the periodic evaluation with the lowest FID (all periodic FIDs use --fid-samples, so they are
       comparable; the final FID uses more samples and is of the last G). fid_curve.png at the end (Pillow).
+Checkpoints: checkpoints/last.pt every --save-every epochs, whenever best.pt is written, and at the end. It holds G,
+D, both Adam states, the fp16 GradScalers, the historical averages, all RNG states, the step (and the k of its
+epoch), the fixed grid noise, VBN's reference batch, the best FID and the FID history. --resume continues in the
+same run folder (metrics.jsonl is cut back to the checkpoint's step) and, on the CPU, reproduces an uninterrupted
+run exactly, also from a --max-steps stop inside an epoch (tested). --ngf/--ndf shrink the model (tests use 8).
 Performance: no host synchronisation inside a step: losses stay on the device and are read every --log-every
 steps (and at epoch ends), where non-finite losses are also detected and named by step. images/s (real images
 trained on per second, evaluation excluded) is in the progress line and in metrics.jsonl. --amp bf16, --compile

@@ -54,8 +54,8 @@ def parse_args():
     p.add_argument("--warmup", type=int, default=None, help="unmeasured steps first (default: 3 CPU, 100 CUDA)")
     p.add_argument("--rounds", type=int, default=2, help="alternating fast/reference rounds")
     p.add_argument("--fast-args", type=str, default=None,
-                   help="extra flags of the fast run (default: CUDA '--amp bf16 --compile --channels-last "
-                        "--no-torch-deterministic', CPU '')")
+                   help="extra flags of the fast run, written with '=': --fast-args='--amp bf16' (default: CUDA "
+                        "'--amp bf16 --compile --channels-last --no-torch-deterministic', CPU '')")
     p.add_argument("--ref-workers", type=int, default=2,
                    help="DataLoader workers of the reference (pytorch/examples: 2)")
     p.add_argument("--skip-reference", action=argparse.BooleanOptionalAction, default=False,

@@ -16,6 +16,8 @@ Examples
     python sweeps/mnist_ssl.py --num-labels 100 --seeds 1 2 3 --tag topk --out-dir runs/mnist_full -- --topk
     # only print the table of what is in a folder:
     python sweeps/mnist_ssl.py --table-only --out-dir runs/mnist5k
+    # ... or of the errors every run logged at epoch 20 (a matched comparison while runs are still going):
+    python sweeps/mnist_ssl.py --table-only --at-epoch 20 --out-dir runs/mnist5k
 """
 
 from __future__ import annotations
@@ -44,6 +46,8 @@ def parse_args():
                    "sharing an --out-dir are told apart when finished runs are skipped")
     p.add_argument("--jobs", type=int, default=1, help="runs at a time")
     p.add_argument("--out-dir", type=str, default="runs/mnist_ssl", help="folder of the run folders and logs")
+    p.add_argument("--at-epoch", type=int, default=None,
+                   help="tabulate the test errors logged at this epoch (finished or running runs) instead of the final ones")
     p.add_argument("--table-only", action=argparse.BooleanOptionalAction, default=False,
                    help="run nothing, tabulate the finished runs in --out-dir")
     args, extra = p.parse_known_args()
@@ -61,6 +65,20 @@ def finished_runs(out_dir: Path) -> list[tuple[dict, dict]]:
     runs = []
     for summary in sorted(out_dir.glob("*/summary.json")):
         runs.append((json.loads((summary.parent / "args.json").read_text()), json.loads(summary.read_text())))
+    return runs
+
+
+def runs_at_epoch(out_dir: Path, epoch: int) -> list[tuple[dict, dict]]:
+    """(args.json, the metrics.jsonl evaluation record of `epoch`) of every run folder that has evaluated it,
+    finished or not, shaped like a summary (epochs_done = epoch)."""
+    runs = []
+    for metrics in sorted(out_dir.glob("*/metrics.jsonl")):
+        a = json.loads((metrics.parent / "args.json").read_text())
+        for line in metrics.read_text().splitlines():
+            r = json.loads(line) if line.strip() else {}
+            if r.get("epoch") == epoch and "test_err_ema" in r:
+                n_test = round(100.0 * r["test_err_ema"] / r["test_err_ema_pct"]) if r["test_err_ema_pct"] else None
+                runs.append((a, dict(r, seed=a["seed"], n_test=n_test, epochs_done=epoch)))
     return runs
 
 
@@ -112,9 +130,9 @@ def fmt(values: list[float], digits: int) -> str:
     return f"{statistics.mean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
 
 
-def table(out_dir: Path) -> str:
+def table(out_dir: Path, at_epoch: int | None = None) -> str:
     groups: dict[tuple, list[dict]] = {}
-    for a, s in finished_runs(out_dir):
+    for a, s in (finished_runs(out_dir) if at_epoch is None else runs_at_epoch(out_dir, at_epoch)):
         method = "supervised-only" if a["supervised_only"] else ("SSL + top-k" if a.get("topk") else "SSL (K+1 GAN)")
         groups.setdefault((a["num_labels"], method, a["exp_name"], s["n_test"], s["epochs_done"]), []).append(s)
     lines = ["| labels | method | runs (--exp-name) | epochs | seeds | test errors (EMA D), per seed | EMA D: errors mean ± std | EMA D: % | "
@@ -135,7 +153,7 @@ def main():
     args, extra = parse_args()
     if not args.table_only:
         run_all(args, extra)
-    print(table(Path(args.out_dir)))
+    print(table(Path(args.out_dir), args.at_epoch))
 
 
 if __name__ == "__main__":

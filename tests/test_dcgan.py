@@ -17,6 +17,8 @@ import dcgan_cifar_topk as dc
 import metrics
 
 SCRIPT = "dcgan_cifar_topk.py"
+# generous: the suite's CPU time is small, but a shared CI machine can stretch wall time many times over
+TIMEOUT = 900
 TINY = ["--ngf", "8", "--ndf", "8", "--batch-size", "8", "--log-every", "2", "--no-download", "--save-every", "1"]
 
 
@@ -82,7 +84,7 @@ def test_generator_loss_uses_only_the_k_best_scored_fakes():
 def test_smoke_tiny_cifar_run_folder(tiny_cifar_dir, tmp_path):
     out = tmp_path / "runs"
     run_script(SCRIPT, *TINY, "--data-dir", tiny_cifar_dir, "--out-dir", out, "--epochs", "3", "--no-fid",
-               "--topk", "--mu", "3", "--gamma", "0.7", "--eval-every", "1", check=True)
+               "--topk", "--mu", "3", "--gamma", "0.7", "--eval-every", "1", check=True, timeout=TIMEOUT)
     run = only_run_dir(out)
     args = json.loads((run / "args.json").read_text())
     assert args["topk"] and args["mu"] == 3 and args["gamma"] == 0.7 and args["dataset"] == "cifar10"
@@ -106,7 +108,8 @@ def test_smoke_fake_dataset_all_tricks(tmp_path):
     out = tmp_path / "runs"
     run_script(SCRIPT, *TINY, "--dataset", "fake", "--fake-size", "24", "--out-dir", out, "--epochs", "2",
                "--no-fid", "--topk", "--feature-matching", "--minibatch-disc", "--mbd-kernels", "4", "--vbn",
-               "--hist-avg", "0.01", "--label-smoothing", "0.1", "--hflip", "--max-steps", "5", check=True)
+               "--hist-avg", "0.01", "--label-smoothing", "0.1", "--hflip", "--max-steps", "5",
+               check=True, timeout=TIMEOUT)
     run = only_run_dir(out)
     recs = records(run)
     assert recs[-1]["step"] == 5 and all(math.isfinite(r["loss_g"]) for r in recs)
@@ -120,11 +123,13 @@ def test_smoke_fake_dataset_all_tricks(tmp_path):
 def test_resume_equals_uninterrupted(tiny_cifar_dir, tmp_path):
     flags = [*TINY, "--data-dir", tiny_cifar_dir, "--no-fid", "--topk", "--mu", "2", "--gamma", "0.5", "--vbn",
              "--hist-avg", "0.01", "--hflip", "--eval-every", "1"]
-    run_script(SCRIPT, *flags, "--epochs", "2", "--out-dir", tmp_path / "a", check=True)
+    run_script(SCRIPT, *flags, "--epochs", "2", "--out-dir", tmp_path / "a", check=True, timeout=TIMEOUT)
     # interrupted inside epoch 2 (step 7 of 10), then resumed to the end
-    run_script(SCRIPT, *flags, "--epochs", "2", "--max-steps", "7", "--out-dir", tmp_path / "b", check=True)
+    run_script(SCRIPT, *flags, "--epochs", "2", "--max-steps", "7", "--out-dir", tmp_path / "b",
+               check=True, timeout=TIMEOUT)
     b = only_run_dir(tmp_path / "b")
-    run_script(SCRIPT, *flags, "--epochs", "2", "--resume", b / "checkpoints" / "last.pt", check=True)
+    run_script(SCRIPT, *flags, "--epochs", "2", "--resume", b / "checkpoints" / "last.pt",
+               check=True, timeout=TIMEOUT)
     a = only_run_dir(tmp_path / "a")
     ca, cb = (common.load_checkpoint(r / "checkpoints" / "last.pt") for r in (a, b))
     assert ca["step"] == cb["step"] == 10
@@ -149,7 +154,7 @@ def test_fid_evaluation_wiring(tmp_path):
     out = tmp_path / "runs"
     run_script(SCRIPT, *TINY, "--data-dir", tiny_cifar_dir, "--out-dir", out, "--epochs", "1", "--eval-every", "1",
                "--fid-weights", weights, "--fid-samples", "10", "--fid-samples-final", "11", "--fid-batch-size", "11",
-               "--topk", check=True)
+               "--topk", check=True, timeout=TIMEOUT)
     run = only_run_dir(out)
     evals = [r for r in records(run) if "fid" in r]
     assert [r["final"] for r in evals] == [False, True] and [r["fid_samples"] for r in evals] == [10, 11]
@@ -168,7 +173,8 @@ def test_fid_evaluation_wiring(tmp_path):
 # ---------------------------------------------------------------------------------------------------------------
 def test_missing_data_offline_is_one_line_error(tmp_path):
     out = tmp_path / "runs"
-    proc = run_script(SCRIPT, "--data-dir", tmp_path / "nowhere", "--no-download", "--out-dir", out, "--no-fid")
+    proc = run_script(SCRIPT, "--data-dir", tmp_path / "nowhere", "--no-download", "--out-dir", out, "--no-fid",
+                      timeout=TIMEOUT)
     line = assert_one_line_error(proc)
     assert "CIFAR-10 not found" in line and str(tmp_path / "nowhere") in line
     assert not out.exists()

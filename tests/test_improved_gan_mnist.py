@@ -174,6 +174,6 @@ def test_bad_input_is_one_line_and_writes_nothing(flags, message, mnist_root, tm
     data = tmp_path / "empty" if flags == ["--missing-data"] else mnist_root
     flags = [] if flags == ["--missing-data"] else flags
     out = tmp_path / "runs"
-    proc = run_script(SCRIPT, "--device", "cpu", "--no-download", "--data-dir", data, "--out-dir", out, *flags, timeout=60)
+    proc = run_script(SCRIPT, "--device", "cpu", "--no-download", "--data-dir", data, "--out-dir", out, *flags)
     assert message in assert_one_line_error(proc)
     assert not out.exists() or not any(out.iterdir())
