@@ -59,7 +59,7 @@ the device. The last incomplete batch of each epoch is dropped (390 steps of 128
 --dataset fake: --fake-size random uint8 images (smoke runs, benchmarks).
 
 Evaluation (every --eval-every epochs, and once at the end):
-    - a PNG grid of G on fixed noise (samples/epoch_XXXX.png, samples/final.png);
+    - a PNG grid of G on fixed noise (samples/epoch_NNNN.png, samples/final.png);
     - FID and IS (metrics.py, pytorch-fid's Inception) on --fid-samples fresh samples (--fid-samples-final at the
       end) against the Inception statistics of the full CIFAR-10 training set, cached as
       <data-dir>/fid_stats_cifar10_train.npz (a file per --fid-weights file: the name carries its hash).

@@ -42,7 +42,7 @@ Evaluation. Every `--eval-every` iterations and at the end: `--eval-samples` 10,
 latent vectors (drawn once from a generator seeded by `--seed`, so evaluation never touches the training random
 stream), `metrics.mode_metrics` with threshold 4 sigma: the fraction of high-quality samples (within 4 sigma of the nearest
 mode), the fraction of modes recovered (both in [0, 1] in metrics.jsonl and summary.json; the sweep's table shows
-percentages) and the reverse KL of the high-quality samples' mode histogram to the uniform one. Each evaluation also writes `samples/step_XXXXXXX.png`, a scatter plot of the samples
+percentages) and the reverse KL of the high-quality samples' mode histogram to the uniform one. Each evaluation also writes `samples/step_NNNNNNN.png`, a scatter plot of the samples
 over the mode centres (high-quality samples in blue, others in red). The final one is saved as `samples.npz`
 (`samples`, `centers`, `std`) and summarised in `summary.json`.
 
@@ -126,7 +126,7 @@ def parse_args(argv=None):
     p.add_argument("--log-every", type=int, default=500, help="write losses and it/s to metrics.jsonl every N steps")
     p.add_argument("--save-every", type=int, default=5000, help="write checkpoints/last.pt every N iterations")
     p.add_argument("--keep-checkpoints", action=argparse.BooleanOptionalAction, default=False,
-                   help="also keep checkpoints/step_XXXXXXX.pt at every --save-every (for the update-direction analysis)")
+                   help="also keep checkpoints/step_NNNNNNN.pt at every --save-every (for the update-direction analysis)")
     p.add_argument("--resume", type=str, default=None, help="continue from runs/<run>/checkpoints/last.pt")
     args = p.parse_args(argv)
     validate_args(args)
