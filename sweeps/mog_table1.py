@@ -135,20 +135,13 @@ def in_progress(out_dir: Path, modes_list, variants, seeds, iterations):
     return rows
 
 
-def fmt(values):
+def fmt(values, digits=1):
+    """Mean ± sample std of `values` with `digits` decimals; the value alone for one seed, – for none."""
     if not values:
         return "–"
     if len(values) == 1:
-        return f"{values[0]:.1f}"
-    return f"{statistics.mean(values):.1f} ± {statistics.stdev(values):.1f}"
-
-
-def fmt_kl(values):
-    if not values:
-        return "–"
-    if len(values) == 1:
-        return f"{values[0]:.3f}"
-    return f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f}"
+        return f"{values[0]:.{digits}f}"
+    return f"{statistics.mean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
 
 
 def report(out_dir: Path, modes_list, variants, seeds, iterations) -> str:
@@ -168,7 +161,7 @@ def report(out_dir: Path, modes_list, variants, seeds, iterations) -> str:
                 f"| {modes} | {variant} | {len(rows)}{f' (seeds {seeds_done})' if rows else ''} "
                 f"| {fmt([100 * r['high_quality'] for r in rows])} | {paper[0] if paper else '–'} "
                 f"| {fmt([100 * r['modes_recovered'] for r in rows])} | {paper[1] if paper else '–'} "
-                f"| {fmt_kl([r['reverse_kl'] for r in rows])} | {f'{wall:.0f}' if wall else '–'} |")
+                f"| {fmt([r['reverse_kl'] for r in rows], 3)} | {f'{wall:.0f}' if wall else '–'} |")
     lines += ["", "Paper: Sinha et al. 2020, Table 1 (no error bars given; no bottom-k row). s/run: mean wall time of "
               "one run's training loop on this machine."]
     partial = in_progress(out_dir, modes_list, variants, seeds, iterations)
