@@ -46,11 +46,16 @@ percentages) and the reverse KL of the high-quality samples' mode histogram to t
 over the mode centres (high-quality samples in blue, others in red). The final one is saved as `samples.npz`
 (`samples`, `centers`, `std`) and summarised in `summary.json`.
 
-Speed (same maths as a textbook loop, measured by benchmarks/bench_mog.py): without minibatch discrimination the D
-step sends cat(real, fake) through D in one forward (D has no batch-dependent layer then, so each row's output is
-unchanged); G's forward in the D step runs under no_grad; D's parameters are frozen during the G step so no weight
-gradient of D is computed; fused Adam; losses are kept in a tensor buffer and read (and checked for NaN/inf) once
-every `--log-every` steps instead of calling .item() every step.
+Speed (same maths as a textbook loop, measured by benchmarks/bench_mog.py). Two implementations of one iteration:
+  * `train_step` (autograd; used whenever feature matching, minibatch discrimination, VBN or historical averaging is
+    on): without minibatch discrimination the D step sends cat(real, fake) through D in one forward (D has no
+    batch-dependent layer then, so each row's output is unchanged); G's forward in the D step runs under no_grad; D's
+    parameters are frozen during the G step so no weight gradient of D is computed; fused Adam.
+  * `FastStep` (default otherwise, `--no-fast-step` to use train_step): the same iteration with hand-written
+    back-propagation of the two MLPs into buffers allocated once (class MLPBackprop); equal to train_step to float
+    rounding (tests/test_mog.py). On a CPU the step is then almost only its 24 matrix products of 256x256 size.
+Both keep the losses in a tensor buffer and read (and check for NaN/inf) them once every `--log-every` steps instead
+of calling .item() every step. Table 1's runs in the README were made with train_step (they predate FastStep).
 """
 
 from __future__ import annotations
@@ -78,6 +83,9 @@ def parse_args(argv=None):
     p.add_argument("--torch-deterministic", action=argparse.BooleanOptionalAction, default=True,
                    help="cuDNN deterministic algorithms")
     p.add_argument("--device", type=str, default="auto", help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--fast-step", action=argparse.BooleanOptionalAction, default=True,
+                   help="hand-written back-propagation (FastStep; same maths as autograd to float rounding) when no "
+                        "option needs autograd: ignored with --feature-matching/--minibatch-disc/--vbn/--hist-avg")
     p.add_argument("--threads", type=int, default=0,
                    help="torch CPU threads (0: torch's default, which follows OMP_NUM_THREADS)")
     p.add_argument("--out-dir", type=str, default="runs", help="parent folder of the run folder")
@@ -285,6 +293,104 @@ def train_step(G, D, opt_g, opt_d, cfg: StepConfig, real_d, z_d, z_g, real_g, k:
     return loss_d.detach(), loss_g.detach()
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# The same iteration with hand-written back-propagation (used when no option needs autograd; see --fast-step)
+# ----------------------------------------------------------------------------------------------------------------
+class MLPBackprop:
+    """Forward and backward of a Linear-ReLU-...-Linear stack (G's `net`, or D's trunk + output layer) by hand.
+
+    Activations and input gradients go into buffers allocated once per (batch size, tag); weight and bias gradients
+    are written straight into `.grad`. The products are the ones autograd computes (forward x W^T + b; backward
+    dY^T X, sum(dY), dY W and the ReLU mask), so gradients agree with autograd to float rounding. What it saves is
+    the per-step allocation of ~40 large tensors and autograd's bookkeeping: a third of a step of these small nets
+    on a CPU, where the 256x256 matrix products are otherwise the whole cost (benchmarks/bench_mog.py).
+    """
+
+    def __init__(self, module: nn.Module):
+        self.layers = [m for m in module.modules() if isinstance(m, nn.Linear)]
+        self.buffers = {}
+
+    def _buffers(self, n: int, tag: str, like: torch.Tensor):
+        if (n, tag) not in self.buffers:
+            self.buffers[n, tag] = ([like.new_empty(n, layer.out_features) for layer in self.layers],  # outputs
+                                    [like.new_empty(n, layer.in_features) for layer in self.layers])  # input grads
+        return self.buffers[n, tag]
+
+    def forward(self, x: torch.Tensor, tag: str) -> torch.Tensor:
+        """x (n, in) -> (n, out). Keeps every layer's output for the next `backward` with the same tag."""
+        outputs, _ = self._buffers(x.shape[0], tag, x)
+        h = x
+        for i, layer in enumerate(self.layers):
+            torch.addmm(layer.bias, h, layer.weight.t(), out=outputs[i])
+            if i < len(self.layers) - 1:
+                outputs[i].relu_()
+            h = outputs[i]
+        return h
+
+    def backward(self, x: torch.Tensor, tag: str, grad_out: torch.Tensor, weight_grads: bool = True,
+                 input_grad: bool = False):
+        """Back-propagate grad_out (n, out) through the last forward(x, tag): weight/bias gradients into .grad
+        (overwritten, not accumulated) when weight_grads; returns d/dx (n, in) when input_grad, else None."""
+        outputs, input_grads = self._buffers(x.shape[0], tag, x)
+        g = grad_out
+        for i in reversed(range(len(self.layers))):
+            layer, h_in = self.layers[i], outputs[i - 1] if i > 0 else x
+            if weight_grads:
+                if layer.weight.grad is None:
+                    layer.weight.grad, layer.bias.grad = torch.empty_like(layer.weight), torch.empty_like(layer.bias)
+                torch.mm(g.t(), h_in, out=layer.weight.grad)
+                torch.sum(g, 0, out=layer.bias.grad)
+            if i == 0 and not input_grad:
+                return None
+            torch.mm(g, layer.weight, out=input_grads[i])
+            if i > 0:  # through the ReLU that produced h_in: the gradient passes where h_in > 0 (autograd's rule)
+                torch.ops.aten.threshold_backward.grad_input(input_grads[i], h_in, 0, grad_input=input_grads[i])
+            g = input_grads[i]
+        return g
+
+
+class FastStep:
+    """`train_step` for the configurations without feature matching, minibatch discrimination, VBN or historical
+    averaging (Table 1's), with MLPBackprop instead of autograd. Same losses, same top-k / bottom-k selection, same
+    gradients to float rounding (tests/test_mog.py compares the two); returns (loss_d, loss_g) like train_step."""
+
+    def __init__(self, G: Generator, D: Discriminator, cfg: StepConfig):
+        assert not (G.vbn or D.mbd is not None or cfg.feature_matching or cfg.ha_g is not None)
+        self.G, self.D, self.cfg = MLPBackprop(G.net), MLPBackprop(D), cfg
+
+    @torch.no_grad()
+    def __call__(self, opt_g, opt_d, real_d, z_d, z_g, k: int):
+        s, n_real, B = self.cfg.label_smoothing, real_d.shape[0], z_g.shape[0]
+        # --- discriminator step (never changed by top-k) ---
+        x = torch.cat([real_d, self.G.forward(z_d, "d")])
+        logits = self.D.forward(x, "d").squeeze(1)
+        d_real, d_fake = logits[:n_real], logits[n_real:]
+        loss_d = (1.0 - s) * F.softplus(-d_real).mean() + F.softplus(d_fake).mean()
+        # d loss_d / d logit, written the way autograd evaluates it: real -(1-s) sigmoid(-l) [+ s sigmoid(l)],
+        # fake sigmoid(l), each over its batch size (from the means)
+        grad_real = torch.sigmoid(-d_real).mul_(-(1.0 - s))
+        if s > 0:
+            loss_d = loss_d + s * F.softplus(d_real).mean()
+            grad_real.add_(torch.sigmoid(d_real), alpha=s)
+        grad = torch.cat([grad_real.div_(n_real), torch.sigmoid(d_fake).div_(d_fake.shape[0])])
+        self.D.backward(x, "d", grad.unsqueeze(1))
+        opt_d.step()
+
+        # --- generator step: D's weights get no gradient, the fakes do ---
+        fake = self.G.forward(z_g, "g")
+        scores = self.D.forward(fake, "g").squeeze(1)
+        # ALGO LOGIC (top-k): the loss -log sigmoid(score) is averaged over the k kept fakes; the others get zero grad
+        keep = common.select_topk(scores, k, largest=self.cfg.largest) if k < B else slice(None)
+        kept = scores[keep]
+        loss_g = F.softplus(-kept).mean()
+        grad = torch.zeros_like(scores)
+        grad[keep] = torch.sigmoid(-kept).div_(-kept.shape[0])
+        grad_fake = self.D.backward(fake, "g", grad.unsqueeze(1), weight_grads=False, input_grad=True)
+        self.G.backward(z_g, "g", grad_fake)
+        opt_g.step()
+        return loss_d, loss_g
+
+
 @torch.no_grad()
 def generate(G: nn.Module, z: torch.Tensor, chunk: int = 10000) -> np.ndarray:
     """G(z) as a float32 numpy array (n, 2), in chunks."""
@@ -335,7 +441,8 @@ def main(argv=None):
     device = common.pick_device(args.device)
     resume_state = common.load_checkpoint(args.resume, map_location=device) if args.resume else None
     if resume_state is not None:
-        common.check_resume_config(resume_state["args"], args, allowed=("threads", "log_every", "keep_checkpoints"))
+        common.check_resume_config(resume_state["args"], args, allowed=("threads", "log_every", "keep_checkpoints",
+                                                                                   "fast_step"))
         if resume_state["step"] > args.iterations:
             raise common.UserError(f"--resume: checkpoint is at iteration {resume_state['step']}, beyond --iterations "
                                    f"{args.iterations}")
@@ -361,6 +468,8 @@ def main(argv=None):
     opt_g = torch.optim.Adam(G.parameters(), lr=args.lr_g, betas=(args.beta1, args.beta2), fused=fused)
     opt_d = torch.optim.Adam(D.parameters(), lr=args.lr_d, betas=(args.beta1, args.beta2), fused=fused)
     cfg = StepConfig(args, G, D)
+    needs_autograd = args.feature_matching or args.minibatch_disc or args.vbn or args.hist_avg > 0
+    fast_step = FastStep(G, D, cfg) if args.fast_step and not needs_autograd else None
 
     # resume
     step = 0
@@ -381,6 +490,7 @@ def main(argv=None):
     logger = common.MetricsLogger(run_dir, track=args.track)
     logger.truncate_after(step)
     print(f"run folder: {run_dir}", flush=True)
+    print(f"training step: {'FastStep (hand-written backprop)' if fast_step else 'train_step (autograd)'}", flush=True)
 
     def checkpoint_state(step_, k_):
         state = {"G": G.state_dict(), "D": D.state_dict(), "opt_g": opt_g.state_dict(), "opt_d": opt_d.state_dict(),
@@ -445,7 +555,10 @@ def main(argv=None):
         z_d = torch.randn(B, args.latent_dim, generator=gen, device=device)
         z_g = torch.randn(B, args.latent_dim, generator=gen, device=device)
         real_g = sample_real(centers, args.std, B, gen) if args.feature_matching else None
-        loss_d, loss_g = train_step(G, D, opt_g, opt_d, cfg, real_d, z_d, z_g, real_g, k)
+        if fast_step is not None:
+            loss_d, loss_g = fast_step(opt_g, opt_d, real_d, z_d, z_g, k)
+        else:
+            loss_d, loss_g = train_step(G, D, opt_g, opt_d, cfg, real_d, z_d, z_g, real_g, k)
         loss_buf[filled, 0] = loss_d
         loss_buf[filled, 1] = loss_g
         filled += 1
@@ -470,7 +583,7 @@ def main(argv=None):
     summary = {**result, "step": step, "n_modes": args.n_modes, "variant": variant, "k_final": k_at(max(step - 1, 0)),
                "seed": args.seed, "wall_time_s": wall, "it_per_s": (step - (int(resume_state["step"]) if resume_state
                                                                            else 0)) / max(wall, 1e-9),
-               "device": str(device), "threads": torch.get_num_threads(), "eval_samples": args.eval_samples,
+               "device": str(device), "threads": torch.get_num_threads(), "fast_step": fast_step is not None, "eval_samples": args.eval_samples,
                "threshold_sigma": 4.0}
     common.write_json(run_dir / "summary.json", summary)
     logger.close()

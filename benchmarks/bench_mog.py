@@ -2,26 +2,32 @@
 
 Both loops train the same models (mog_topk.Generator / Discriminator, 4 linear layers of 256 units, batch 256,
 latent 2, Adam 1e-4 (0.5, 0.999), non-saturating loss, 25 modes) from the same initial weights on the same batches,
-in the same process, alternating in several repeats so that a load change on a shared machine hits both.
+each timed in its own fresh Python process (so neither inherits the other's allocator state), alternating in several
+repeats so that a load change on a shared machine hits both; the medians are compared.
 
   * "straightforward": the textbook loop: fake = G(z) with autograd on, D(real) and D(fake.detach()) as two
     forwards, BCE-with-logits against ones/zeros targets, default torch.optim.Adam, optimizer.zero_grad(),
     a G step that back-propagates into D's weights too (zeroed before the next D step), loss.item() every step.
-  * "mog_topk": mog_topk.train_step (joint D forward on cat(real, fake), no_grad G forward in the D step,
-    D frozen in the G step, fused Adam, no per-step .item()).
+  * "train_step": mog_topk.train_step, the autograd step the script uses with tricks that need autograd (joint D
+    forward on cat(real, fake), no_grad G forward in the D step, D frozen in the G step, fused Adam, no per-step
+    .item()).
+  * "fast_step": mog_topk.FastStep, the script's default step for Table 1's configuration: train_step's maths with
+    hand-written back-propagation into preallocated buffers.
 
-The two compute the same function: `--check` also runs both from identical weights for a few steps and prints the
-largest difference of G's parameters (float rounding only).
+The three compute the same function: `--check` also runs them from identical weights for a few steps and prints
+the largest difference of G's parameters from the straightforward loop's (float rounding only).
 
 Usage:
     python benchmarks/bench_mog.py --threads 2 --steps 300 --repeats 5 [--topk]
+
+The figure the issue's target refers to is the last line: fast_step / straightforward.
 """
 
 from __future__ import annotations
 
 import argparse
-import copy
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -44,6 +50,8 @@ def parse_args():
                    help="benchmark with k = B/2 (the top-k floor) instead of k = B")
     p.add_argument("--check", action=argparse.BooleanOptionalAction, default=True,
                    help="first check that both loops give the same weights after a few steps")
+    p.add_argument("--worker", choices=KINDS, default=None,
+                   help=argparse.SUPPRESS)  # internal: time one loop in this process
     return p.parse_args()
 
 
@@ -67,72 +75,95 @@ def straightforward_step(G, D, opt_g, opt_d, real, z_d, z_g, k, largest=True):
     return loss_d.item(), loss_g.item()
 
 
-def build(seed=0):
-    torch.manual_seed(seed)
-    G = mog_topk.Generator(2, 256)
-    D = mog_topk.Discriminator(256)
-    return G, D
+B = 256
+KINDS = ("straightforward", "train_step", "fast_step")
+NO_TRICKS = argparse.Namespace(bottomk=False, label_smoothing=0.0, feature_matching=False, minibatch_disc=False,
+                               hist_avg=0.0)
+
+
+def fresh(kind):
+    """Identical initial G and D (seed 0) with the optimiser each loop uses."""
+    torch.manual_seed(0)
+    G, D = mog_topk.Generator(2, 256), mog_topk.Discriminator(256)
+    fused = kind != "straightforward"
+    opt_g = torch.optim.Adam(G.parameters(), lr=1e-4, betas=(0.5, 0.999), fused=fused or None)
+    opt_d = torch.optim.Adam(D.parameters(), lr=1e-4, betas=(0.5, 0.999), fused=fused or None)
+    return G, D, opt_g, opt_d
+
+
+def batches(n, seed):
+    """n (real, z_d, z_g) triples of the 25-mode grid, made before timing."""
+    centers = torch.from_numpy(metrics.grid_centers(25, 2.0)).float()
+    gen = torch.Generator().manual_seed(seed)
+    return [(mog_topk.sample_real(centers, 0.05, B, gen), torch.randn(B, 2, generator=gen),
+             torch.randn(B, 2, generator=gen)) for _ in range(n)]
+
+
+def run(kind, nets, data, k):
+    G, D, opt_g, opt_d = nets
+    if kind == "train_step":
+        cfg = mog_topk.StepConfig(NO_TRICKS, G, D)
+        for real, z_d, z_g in data:
+            out = mog_topk.train_step(G, D, opt_g, opt_d, cfg, real, z_d, z_g, None, k)
+        out[0].item()  # what the script does once per --log-every steps
+    elif kind == "fast_step":
+        step = mog_topk.FastStep(G, D, mog_topk.StepConfig(NO_TRICKS, G, D))
+        for real, z_d, z_g in data:
+            out = step(opt_g, opt_d, real, z_d, z_g, k)
+        out[0].item()
+    else:
+        for real, z_d, z_g in data:
+            straightforward_step(G, D, opt_g, opt_d, real, z_d, z_g, k)
+
+
+def timed_in_subprocess(kind, args):
+    """it/s of one loop, measured in a fresh Python process so that neither loop inherits the other's allocator
+    state (freed blocks, heap size), which otherwise shifts the result by 10-20 % on CPU."""
+    cmd = [sys.executable, __file__, "--worker", kind, "--threads", str(args.threads), "--steps", str(args.steps),
+           "--warmup", str(args.warmup)] + (["--topk"] if args.topk else [])
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+    return float(out.strip().splitlines()[-1])
+
+
+def worker(args, k):
+    """Time one loop and print its it/s (last line of stdout)."""
+    nets, data = fresh(args.worker), batches(args.steps + args.warmup, 7)
+    run(args.worker, nets, data[: args.warmup], k)
+    t0 = time.perf_counter()
+    run(args.worker, nets, data[args.warmup:], k)
+    print(args.steps / (time.perf_counter() - t0))
 
 
 def main():
     args = parse_args()
     if args.threads > 0:
         torch.set_num_threads(args.threads)
-    B = 256
     k = B // 2 if args.topk else B
-    centers = torch.from_numpy(metrics.grid_centers(25, 2.0)).float()
-    ns = argparse.Namespace(bottomk=False, label_smoothing=0.0, feature_matching=False, minibatch_disc=False,
-                            hist_avg=0.0)
-    G0, D0 = build()
-
-    def fresh(kind):
-        G, D = copy.deepcopy(G0), copy.deepcopy(D0)
-        fused = kind == "mog_topk"
-        opt_g = torch.optim.Adam(G.parameters(), lr=1e-4, betas=(0.5, 0.999), fused=fused or None)
-        opt_d = torch.optim.Adam(D.parameters(), lr=1e-4, betas=(0.5, 0.999), fused=fused or None)
-        return G, D, opt_g, opt_d
-
-    def batches(n, seed):
-        gen = torch.Generator().manual_seed(seed)
-        return [(mog_topk.sample_real(centers, 0.05, B, gen), torch.randn(B, 2, generator=gen),
-                 torch.randn(B, 2, generator=gen)) for _ in range(n)]
-
-    def run(kind, nets, data):
-        G, D, opt_g, opt_d = nets
-        if kind == "mog_topk":
-            cfg = mog_topk.StepConfig(ns, G, D)
-            for real, z_d, z_g in data:
-                out = mog_topk.train_step(G, D, opt_g, opt_d, cfg, real, z_d, z_g, None, k)
-            out[0].item()  # what the script does once per --log-every steps
-        else:
-            for real, z_d, z_g in data:
-                straightforward_step(G, D, opt_g, opt_d, real, z_d, z_g, k)
-
+    if args.worker:
+        return worker(args, k)
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, batch {B}, k {k}, "
-          f"steps {args.steps} x repeats {args.repeats}")
+          f"steps {args.steps} x repeats {args.repeats}, each measurement in a fresh process")
     if args.check:
         data = batches(20, 123)
-        nets_a, nets_b = fresh("straightforward"), fresh("mog_topk")
-        run("straightforward", nets_a, data)
-        run("mog_topk", nets_b, data)
-        diff = max((pa - pb).abs().max().item() for pa, pb in zip(nets_a[0].parameters(), nets_b[0].parameters()))
-        scale = max(pa.abs().max().item() for pa in nets_a[0].parameters())
-        print(f"check: after 20 identical steps, max |G_straightforward - G_mog_topk| = {diff:.3g} "
-              f"(largest |weight| {scale:.3g})")
+        nets = {kind: fresh(kind) for kind in KINDS}
+        for kind in KINDS:
+            run(kind, nets[kind], data, k)
+        G_ref = nets["straightforward"][0]
+        scale = max(p.abs().max().item() for p in G_ref.parameters())
+        for kind in KINDS[1:]:
+            diff = max((p - q).abs().max().item() for p, q in zip(G_ref.parameters(), nets[kind][0].parameters()))
+            print(f"check: after 20 identical steps, max |G_straightforward - G_{kind}| = {diff:.3g} "
+                  f"(largest |weight| {scale:.3g})")
 
-    rates = {"straightforward": [], "mog_topk": []}
-    data = batches(args.steps + args.warmup, 7)
+    rates = {kind: [] for kind in KINDS}
     for rep in range(args.repeats):
-        for kind in ("straightforward", "mog_topk"):
-            nets = fresh(kind)
-            run(kind, nets, data[: args.warmup])
-            t0 = time.perf_counter()
-            run(kind, nets, data[args.warmup:])
-            rates[kind].append(args.steps / (time.perf_counter() - t0))
-        print(f"repeat {rep + 1}: straightforward {rates['straightforward'][-1]:.1f} it/s, "
-              f"mog_topk {rates['mog_topk'][-1]:.1f} it/s", flush=True)
-    a, b = statistics.median(rates["straightforward"]), statistics.median(rates["mog_topk"])
-    print(f"median: straightforward {a:.1f} it/s, mog_topk.train_step {b:.1f} it/s, ratio {b / a:.2f}x")
+        for kind in KINDS:
+            rates[kind].append(timed_in_subprocess(kind, args))
+        print(f"repeat {rep + 1}: " + ", ".join(f"{kind} {rates[kind][-1]:.1f} it/s" for kind in KINDS), flush=True)
+    median = {kind: statistics.median(rates[kind]) for kind in KINDS}
+    print("median: " + ", ".join(f"{kind} {median[kind]:.1f} it/s" for kind in KINDS))
+    for kind in KINDS[1:]:
+        print(f"ratio {kind} / straightforward: {median[kind] / median['straightforward']:.2f}x")
 
 
 if __name__ == "__main__":

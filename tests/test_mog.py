@@ -50,7 +50,7 @@ def test_run_folder_and_summary_match_recomputed_metrics(short_run):
     recomputed = metrics.mode_metrics(data["samples"], data["centers"], float(data["std"]), threshold=4.0)
     for key in ("high_quality", "modes_recovered", "reverse_kl"):
         assert summary[key] == pytest.approx(recomputed[key], abs=1e-12), key
-    assert summary["step"] == 50 and summary["variant"] == "topk"
+    assert summary["step"] == 50 and summary["variant"] == "topk" and summary["fast_step"] is True
     final_eval = [r for r in read_jsonl(short_run / "metrics.jsonl") if "eval/high_quality" in r][-1]
     assert final_eval["step"] == 50 and final_eval["eval/high_quality"] == pytest.approx(summary["high_quality"])
 
@@ -92,6 +92,48 @@ def test_train_step_generator_gradient_uses_only_selected_fakes(bottomk):
     expected = torch.autograd.grad(loss, list(G_ref.parameters()))
     for p, g in zip(G.parameters(), expected):
         torch.testing.assert_close(p.grad, g, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("bottomk, smoothing, k", [(False, 0.0, 64), (False, 0.0, 20), (True, 0.2, 20)])
+def test_fast_step_equals_autograd_train_step(bottomk, smoothing, k):
+    """FastStep (hand-written backprop, the script's default) and train_step (autograd), from identical weights on
+    identical batches: the same losses and the same G and D weights after 10 Adam steps, to float rounding."""
+    ns = argparse.Namespace(bottomk=bottomk, label_smoothing=smoothing, feature_matching=False,
+                            minibatch_disc=False, hist_avg=0.0)
+    torch.manual_seed(0)
+    G0, D0 = mog_topk.Generator(2, 32), mog_topk.Discriminator(32)
+    results = {}
+    for kind in ("autograd", "fast"):
+        G, D = mog_topk.Generator(2, 32), mog_topk.Discriminator(32)
+        G.load_state_dict(G0.state_dict())
+        D.load_state_dict(D0.state_dict())
+        opt_g = torch.optim.Adam(G.parameters(), lr=1e-3, betas=(0.5, 0.999))
+        opt_d = torch.optim.Adam(D.parameters(), lr=1e-3, betas=(0.5, 0.999))
+        cfg = mog_topk.StepConfig(ns, G, D)
+        fast = mog_topk.FastStep(G, D, cfg)
+        gen = torch.Generator().manual_seed(3)
+        losses = []
+        for _ in range(10):
+            real, z_d, z_g = (torch.randn(64, 2, generator=gen) for _ in range(3))
+            out = fast(opt_g, opt_d, real, z_d, z_g, k) if kind == "fast" else \
+                mog_topk.train_step(G, D, opt_g, opt_d, cfg, real, z_d, z_g, None, k)
+            losses.append(torch.stack(out))
+        results[kind] = (torch.stack(losses), [p.detach() for p in [*G.parameters(), *D.parameters()]])
+    torch.testing.assert_close(results["fast"][0], results["autograd"][0], rtol=1e-5, atol=1e-6)
+    for p_fast, p_auto in zip(results["fast"][1], results["autograd"][1]):
+        torch.testing.assert_close(p_fast, p_auto, rtol=1e-5, atol=1e-6)
+    assert not torch.equal(results["fast"][1][0], G0.net[0].weight)  # the weights did move
+
+
+def test_every_trick_with_topk_runs_on_the_autograd_step(tmp_path):
+    """All Improved-GAN options at once with top-k: a complete run folder, on train_step (FastStep cannot do them)."""
+    run_script("mog_topk.py", *TINY, "--n-modes", "4", "--iterations", "20", "--topk", "--iters-per-epoch", "5",
+               "--feature-matching", "--minibatch-disc", "--mbd-kernels", "8", "--mbd-dim", "3", "--hist-avg", "0.1",
+               "--label-smoothing", "0.1", "--vbn", "--log-every", "10", "--eval-every", "10", "--out-dir", tmp_path,
+               check=True, timeout=600)
+    summary = json.loads((only_run_dir(tmp_path) / "summary.json").read_text())
+    assert summary["step"] == 20 and summary["fast_step"] is False
+    assert all(np.isfinite(summary[key]) for key in ("high_quality", "modes_recovered", "reverse_kl"))
 
 
 def test_resume_equals_uninterrupted(tmp_path):
