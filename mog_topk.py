@@ -302,8 +302,8 @@ class MLPBackprop:
     Activations and input gradients go into buffers allocated once per (batch size, tag); weight and bias gradients
     are written straight into `.grad`. The products are the ones autograd computes (forward x W^T + b; backward
     dY^T X, sum(dY), dY W and the ReLU mask), so gradients agree with autograd to float rounding. What it saves is
-    the per-step allocation of ~40 large tensors and autograd's bookkeeping: a third of a step of these small nets
-    on a CPU, where the 256x256 matrix products are otherwise the whole cost (benchmarks/bench_mog.py).
+    the per-step allocation of ~40 tensors of 256-512 rows and autograd's bookkeeping, which on a CPU are most of
+    what a step of these small nets costs beyond its 256x256 matrix products (benchmarks/bench_mog.py).
     """
 
     def __init__(self, module: nn.Module):
