@@ -100,6 +100,8 @@ def parse_args(argv=None):
     # models and optimisation
     p.add_argument("--latent-dim", type=int, default=2, help="dimension of G's input noise z ~ N(0, I)")
     p.add_argument("--hidden-dim", type=int, default=256, help="hidden units of every layer of G and D")
+    p.add_argument("--hidden-layers", type=int, default=3,
+                   help="hidden Linear+ReLU layers of G and of D (3: four linear layers each, counting the output)")
     p.add_argument("--batch-size", type=int, default=256, help="real and fake samples per step")
     p.add_argument("--iterations", type=int, default=50000, help="training iterations (one D and one G step each)")
     p.add_argument("--max-steps", type=int, default=None,
@@ -146,7 +148,7 @@ def validate_args(args) -> None:
     side = math.isqrt(args.n_modes) if args.n_modes > 0 else 0
     if args.n_modes < 1 or side * side != args.n_modes:
         raise common.UserError(f"--n-modes must be a perfect square (25, 64, 100, ...), got {args.n_modes}")
-    positive_ints = ["latent_dim", "hidden_dim", "batch_size", "iterations", "iters_per_epoch", "eval_every",
+    positive_ints = ["latent_dim", "hidden_dim", "hidden_layers", "batch_size", "iterations", "iters_per_epoch", "eval_every",
                      "eval_samples", "log_every", "save_every", "mbd_kernels", "mbd_dim"]
     for name in positive_ints:
         if getattr(args, name) < 1:
@@ -181,12 +183,13 @@ def validate_args(args) -> None:
 # Models
 # ----------------------------------------------------------------------------------------------------------------
 class Generator(nn.Module):
-    """z (B, latent_dim) -> x (B, 2). Four linear layers, ReLU, optional VirtualBatchNorm after each hidden Linear."""
+    """z (B, latent_dim) -> x (B, 2). `hidden_layers` Linear+ReLU layers (optional VirtualBatchNorm after each hidden
+    Linear), then a linear output layer."""
 
-    def __init__(self, latent_dim: int, hidden: int, vbn: bool = False):
+    def __init__(self, latent_dim: int, hidden: int, vbn: bool = False, hidden_layers: int = 3):
         super().__init__()
         layers, width = [], latent_dim
-        for _ in range(3):
+        for _ in range(hidden_layers):
             layers += [nn.Linear(width, hidden)] + ([common.VirtualBatchNorm(hidden)] if vbn else []) + [nn.ReLU()]
             width = hidden
         layers.append(nn.Linear(hidden, 2))
@@ -201,13 +204,16 @@ class Generator(nn.Module):
 
 
 class Discriminator(nn.Module):
-    """x (B, 2) -> logit (B,). Three hidden Linear+ReLU layers (the feature layer is the last), optional minibatch
+    """x (B, 2) -> logit (B,). `hidden_layers` Linear+ReLU layers (the feature layer is the last), optional minibatch
     discrimination, Linear output. `forward(x, features=True)` also returns the features (B, hidden)."""
 
-    def __init__(self, hidden: int, mbd_kernels: int = 0, mbd_dim: int = 5):
+    def __init__(self, hidden: int, mbd_kernels: int = 0, mbd_dim: int = 5, hidden_layers: int = 3):
         super().__init__()
-        self.trunk = nn.Sequential(nn.Linear(2, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(),
-                                   nn.Linear(hidden, hidden), nn.ReLU())
+        layers, width = [], 2
+        for _ in range(hidden_layers):
+            layers += [nn.Linear(width, hidden), nn.ReLU()]
+            width = hidden
+        self.trunk = nn.Sequential(*layers)
         self.mbd = common.MinibatchDiscrimination(hidden, mbd_kernels, mbd_dim) if mbd_kernels > 0 else None
         self.out = nn.Linear(hidden + (mbd_kernels if mbd_kernels > 0 else 0), 1)
 
@@ -460,8 +466,9 @@ def main(argv=None):
     z_eval = torch.randn(args.eval_samples, args.latent_dim, generator=eval_gen, device=device)
 
     # models and optimisers
-    G = Generator(args.latent_dim, args.hidden_dim, vbn=args.vbn).to(device)
-    D = Discriminator(args.hidden_dim, args.mbd_kernels if args.minibatch_disc else 0, args.mbd_dim).to(device)
+    G = Generator(args.latent_dim, args.hidden_dim, vbn=args.vbn, hidden_layers=args.hidden_layers).to(device)
+    D = Discriminator(args.hidden_dim, args.mbd_kernels if args.minibatch_disc else 0, args.mbd_dim,
+                      hidden_layers=args.hidden_layers).to(device)
     if args.vbn:
         G.z_ref = torch.randn(args.batch_size, args.latent_dim, generator=eval_gen, device=device)
     fused = device.type in ("cpu", "cuda")

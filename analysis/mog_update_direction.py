@@ -65,9 +65,10 @@ def parse_args(argv=None):
 
 def load_models(state: dict):
     """G and D of a mog_topk.py checkpoint, in float64, and the run's arguments as a namespace."""
-    a = argparse.Namespace(**state["args"])
-    G = mog_topk.Generator(a.latent_dim, a.hidden_dim, vbn=a.vbn)
-    D = mog_topk.Discriminator(a.hidden_dim, a.mbd_kernels if a.minibatch_disc else 0, a.mbd_dim)
+    a = argparse.Namespace(**{"hidden_layers": 3, **state["args"]})  # runs older than --hidden-layers had 3
+    G = mog_topk.Generator(a.latent_dim, a.hidden_dim, vbn=a.vbn, hidden_layers=a.hidden_layers)
+    D = mog_topk.Discriminator(a.hidden_dim, a.mbd_kernels if a.minibatch_disc else 0, a.mbd_dim,
+                               hidden_layers=a.hidden_layers)
     if a.vbn:
         G.z_ref = torch.zeros_like(state["G"]["z_ref"])
     G.load_state_dict(state["G"])

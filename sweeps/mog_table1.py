@@ -13,8 +13,23 @@ OMP_NUM_THREADS = cores / jobs), then prints and writes `<out-dir>/table1.md`: %
 
 Variants: gan (plain), topk (--topk), bottomk (--topk --bottomk: the analysis control of Figure 2).
 
-Example:
+Setup study (README, "MoG setup study"). `--config NAME` runs the cells in one setup of CONFIGS below (run folders in
+`<out-dir>/<config>/`); `--study` runs the pre-registered study: every config of CONFIGS at 25 modes, GAN and top-k,
+the GAN cells of every config first (they alone decide the setup), then the top-k cells, and writes
+`<out-dir>/study.md`. Decision rule (fixed before any study run): the config whose GAN row at 25 modes is closest to the
+paper's GAN row, |HQ - 85.6| + |modes - 100| in percentage points, mean over seeds. `--config chosen` then means
+the config that rule picks from the finished study runs (an error while any GAN cell of the study is missing).
+A config's GAN cell that differs from another config's only in top-k flags is the same run (the k schedule does not
+exist without --topk): `slowk`'s GAN row is `base`'s GAN run, not a second run of identical maths.
+
+Every job runs with one thread per job (`--threads` and OMP_NUM_THREADS = cores // jobs): two 1-thread jobs on two
+cores, never one 2-thread job beside another.
+
+Examples:
     python sweeps/mog_table1.py --modes 25 64 100 --seeds 1 2 3 --variants gan topk --jobs 2 --out-dir runs/table1
+    python sweeps/mog_table1.py --study --seeds 1 2 3 --jobs 2 --out-dir runs/mog_study
+    python sweeps/mog_table1.py --config chosen --modes 25 64 100 --variants gan topk bottomk --jobs 2 \\
+        --out-dir runs/mog_study
 """
 
 from __future__ import annotations
@@ -38,6 +53,19 @@ PAPER = {
     100: {"gan": (40.3, 94.6), "topk": (54.7, 100.0)},
 }
 VARIANT_FLAGS = {"gan": [], "topk": ["--topk"], "bottomk": ["--topk", "--bottomk"]}
+PAPER_GAN_25 = PAPER[25]["gan"]
+
+# The setup study: config -> (flags of every run, flags of the top-k / bottom-k runs only). Batch size is the
+# script's default 256, so 0.75 * B = 192.
+CONFIGS = {
+    "base": ([], []),                                            # the script's setup before the study
+    "spacing1": (["--grid-spacing", "1"], []),                   # centres at {-2, ..., 2}^2 (JAX-GAN, MH-GAN code)
+    "depth4": (["--hidden-layers", "4"], []),                    # 4 hidden layers of 256 in G and D (JAX-GAN)
+    "slowk": ([], ["--iters-per-epoch", "2000", "--mu", "192"]),  # k x 0.99 every 2,000 iterations, floor 0.75 B
+    "betas": (["--beta1", "0.9", "--beta2", "0.99"], []),        # Adam betas of JAX-GAN
+    "all": (["--grid-spacing", "1", "--hidden-layers", "4", "--beta1", "0.9", "--beta2", "0.99"],
+            ["--iters-per-epoch", "2000", "--mu", "192"]),
+}
 
 
 def parse_args():
@@ -46,6 +74,14 @@ def parse_args():
     p.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3], help="seeds (outer loop of the work order)")
     p.add_argument("--variants", nargs="+", default=["gan", "topk"], choices=sorted(VARIANT_FLAGS),
                    help="gan, topk, bottomk")
+    p.add_argument("--config", type=str, default=None,
+                   help=f"run the cells in one setup of the study ({', '.join(CONFIGS)}, or 'chosen': the study's "
+                        "decision); run folders in <out-dir>/<config>/. Default: the script's own defaults, run "
+                        "folders in <out-dir>/")
+    p.add_argument("--study", action=argparse.BooleanOptionalAction, default=False,
+                   help="run the pre-registered setup study (all configs, 25 modes, gan and topk) and write study.md")
+    p.add_argument("--keep-checkpoints", action=argparse.BooleanOptionalAction, default=True,
+                   help="keep every --save-every checkpoint of each run (the Figure 2 analysis reads them)")
     p.add_argument("--iterations", type=int, default=50000, help="iterations per run")
     p.add_argument("--jobs", type=int, default=1, help="runs at a time")
     p.add_argument("--cores", type=int, default=os.cpu_count() or 1, help="CPU cores shared by the jobs")
@@ -57,6 +93,12 @@ def parse_args():
     args = p.parse_args()
     if args.jobs < 1 or args.iterations < 1 or args.cores < 1:
         p.error("--jobs, --iterations and --cores must be positive")
+    if args.config is not None and args.config not in CONFIGS and args.config != "chosen":
+        p.error(f"--config must be one of {', '.join(CONFIGS)}, chosen; got {args.config!r}")
+    if args.study and args.config is not None:
+        p.error("--study runs every config: drop --config")
+    if len(set(args.seeds)) != len(args.seeds):
+        p.error(f"--seeds given twice: {args.seeds}")
     return args
 
 
@@ -64,14 +106,34 @@ def exp_name(modes: int, variant: str) -> str:
     return f"mog{modes}_{variant}"
 
 
-def find_runs(out_dir: Path, modes: int, variant: str, seed: int) -> list[Path]:
+def config_flags(config: str | None, variant: str) -> list[str]:
+    """mog_topk.py flags of one config for one variant (top-k-only flags are dropped for gan)."""
+    if config is None:
+        return []
+    common_flags, topk_flags = CONFIGS[config]
+    return common_flags + (topk_flags if variant != "gan" else [])
+
+
+def cell_folder(out_root: Path, config: str | None, variant: str) -> Path:
+    """Folder of a cell's run folders: <out-root>/<config>/, where a GAN cell whose flags equal an earlier config's
+    uses that config's folder (slowk's GAN run is base's: same flags, same seed, same run)."""
+    if config is None:
+        return out_root
+    if variant == "gan":
+        for other in CONFIGS:
+            if config_flags(other, "gan") == config_flags(config, "gan"):
+                return out_root / other
+    return out_root / config
+
+
+def find_runs(folder: Path, modes: int, variant: str, seed: int) -> list[Path]:
     """Run folders of one cell (normally one), newest last."""
-    return sorted(out_dir.glob(f"{exp_name(modes, variant)}__{seed}__*"))
+    return sorted(folder.glob(f"{exp_name(modes, variant)}__{seed}__*"))
 
 
-def cell_state(out_dir: Path, modes: int, variant: str, seed: int, iterations: int):
+def cell_state(folder: Path, modes: int, variant: str, seed: int, iterations: int):
     """('done', folder) | ('resume', last.pt) | ('new', None)."""
-    for run in reversed(find_runs(out_dir, modes, variant, seed)):
+    for run in reversed(find_runs(folder, modes, variant, seed)):
         summary = run / "summary.json"
         if summary.is_file() and json.loads(summary.read_text()).get("step") == iterations:
             return "done", run
@@ -81,51 +143,51 @@ def cell_state(out_dir: Path, modes: int, variant: str, seed: int, iterations: i
     return "new", None
 
 
-def run_cell(out_dir: Path, modes: int, variant: str, seed: int, args) -> str:
-    state, where = cell_state(out_dir, modes, variant, seed, args.iterations)
+def run_cell(out_root: Path, config: str | None, modes: int, variant: str, seed: int, args) -> str:
+    folder = cell_folder(out_root, config, variant)
+    name = f"{config + '/' if config else ''}{exp_name(modes, variant)} seed {seed}"
+    state, where = cell_state(folder, modes, variant, seed, args.iterations)
     if state == "done":
-        return f"skip  {exp_name(modes, variant)} seed {seed}: {where / 'summary.json'} exists"
+        return f"skip  {name}: {where / 'summary.json'} exists"
+    threads = max(1, args.cores // args.jobs)
     cmd = [sys.executable, str(REPO / "mog_topk.py"), "--n-modes", str(modes), "--seed", str(seed),
-           "--iterations", str(args.iterations), "--out-dir", str(out_dir), "--exp-name", exp_name(modes, variant),
-           "--device", "cpu", "--keep-checkpoints", *VARIANT_FLAGS[variant], *args.extra]
+           "--iterations", str(args.iterations), "--out-dir", str(folder), "--exp-name", exp_name(modes, variant),
+           "--device", "cpu", "--threads", str(threads), *VARIANT_FLAGS[variant], *config_flags(config, variant),
+           *(["--keep-checkpoints"] if args.keep_checkpoints else []), *args.extra]
     if state == "resume":
         cmd += ["--resume", str(where)]
-    threads = max(1, args.cores // args.jobs)
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), CUDA_VISIBLE_DEVICES="")
-    log = out_dir / "logs" / f"{exp_name(modes, variant)}__{seed}.log"
+    log = folder / "logs" / f"{exp_name(modes, variant)}__{seed}.log"
     log.parent.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
-    print(f"start {exp_name(modes, variant)} seed {seed} ({state}, {threads} thread(s)), log {log}", flush=True)
+    print(f"start {name} ({state}, {threads} thread(s)), log {log}", flush=True)
     with open(log, "a") as f:
         proc = subprocess.run(cmd, cwd=REPO, env=env, stdout=f, stderr=subprocess.STDOUT)
     took = time.time() - t0
     status = "ok" if proc.returncode == 0 else f"FAILED (exit {proc.returncode}, see {log})"
-    return f"end   {exp_name(modes, variant)} seed {seed}: {status}, {took / 60:.1f} min"
+    return f"end   {name}: {status}, {took / 60:.1f} min"
 
 
-def collect(out_dir: Path, modes_list, variants, seeds, iterations):
-    """{(modes, variant): [summary, ...]} over the finished runs of the requested cells."""
-    table = {}
-    for modes in modes_list:
-        for variant in variants:
-            rows = []
-            for seed in seeds:
-                state, run = cell_state(out_dir, modes, variant, seed, iterations)
-                if state == "done":
-                    rows.append(json.loads((run / "summary.json").read_text()))
-            table[(modes, variant)] = rows
-    return table
+def finished(out_root: Path, config: str | None, modes: int, variant: str, seeds, iterations) -> list[dict]:
+    """Summaries of the finished runs of one cell, in seed order."""
+    rows = []
+    for seed in seeds:
+        state, run = cell_state(cell_folder(out_root, config, variant), modes, variant, seed, iterations)
+        if state == "done":
+            rows.append(json.loads((run / "summary.json").read_text()))
+    return rows
 
 
-def in_progress(out_dir: Path, modes_list, variants, seeds, iterations):
+def in_progress(out_root: Path, config, modes_list, variants, seeds, iterations):
     """[(modes, variant, seed, latest eval record)] of cells that have a run folder but no finished run."""
     rows = []
     for seed in seeds:
         for modes in modes_list:
             for variant in variants:
-                if cell_state(out_dir, modes, variant, seed, iterations)[0] == "done":
+                folder = cell_folder(out_root, config, variant)
+                if cell_state(folder, modes, variant, seed, iterations)[0] == "done":
                     continue
-                for run in reversed(find_runs(out_dir, modes, variant, seed)):
+                for run in reversed(find_runs(folder, modes, variant, seed)):
                     path = run / "metrics.jsonl"
                     records = [json.loads(l) for l in path.read_text().splitlines() if l.strip()] if path.is_file() else []
                     evals = [r for r in records if "eval/high_quality" in r and r["step"] > 0]
@@ -144,16 +206,19 @@ def fmt(values, digits=1):
     return f"{statistics.mean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
 
 
-def report(out_dir: Path, modes_list, variants, seeds, iterations) -> str:
-    table = collect(out_dir, modes_list, variants, seeds, iterations)
+def report(out_root: Path, config, modes_list, variants, seeds, iterations) -> str:
+    """Table 1 of one config (or of the script's defaults) as markdown; also written to <folder>/table1.md."""
+    folder = out_root / config if config else out_root
+    where = f" Setup: config `{config}` ({' '.join(CONFIGS[config][0] + CONFIGS[config][1]) or 'script defaults'})." \
+        if config else ""
     lines = [f"Table 1 reproduction: mixture of Gaussians, {iterations} iterations, 10,000 samples, threshold 4σ "
-             f"(mean ± sample std over seeds; n = seeds finished of {list(seeds)}).", "",
+             f"(mean ± sample std over seeds; n = seeds finished of {list(seeds)}).{where}", "",
              "| modes | variant | n | HQ % (ours) | HQ % (paper) | modes % (ours) | modes % (paper) | reverse KL (ours) "
              "| s/run |",
              "|---|---|---|---|---|---|---|---|---|"]
     for modes in modes_list:
         for variant in variants:
-            rows = table[(modes, variant)]
+            rows = finished(out_root, config, modes, variant, seeds, iterations)
             paper = PAPER.get(modes, {}).get(variant)
             wall = statistics.mean(r["wall_time_s"] for r in rows) if rows else None
             seeds_done = ",".join(str(r["seed"]) for r in rows)
@@ -164,31 +229,131 @@ def report(out_dir: Path, modes_list, variants, seeds, iterations) -> str:
                 f"| {fmt([r['reverse_kl'] for r in rows], 3)} | {f'{wall:.0f}' if wall else '–'} |")
     lines += ["", "Paper: Sinha et al. 2020, Table 1 (no error bars given; no bottom-k row). s/run: mean wall time of "
               "one run's training loop on this machine."]
-    partial = in_progress(out_dir, modes_list, variants, seeds, iterations)
+    partial = in_progress(out_root, config, modes_list, variants, seeds, iterations)
     if partial:
         lines += ["", "Unfinished runs (latest evaluation in metrics.jsonl; not in the table above):", "",
                   "| modes | variant | seed | iteration | HQ % | modes % | reverse KL |", "|---|---|---|---|---|---|---|"]
         lines += [f"| {m} | {v} | {s} | {r['step']} | {100 * r['eval/high_quality']:.1f} "
                   f"| {100 * r['eval/modes_recovered']:.1f} | {r['eval/reverse_kl']:.3f} |" for m, v, s, r in partial]
     text = "\n".join(lines) + "\n"
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "table1.md").write_text(text)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "table1.md").write_text(text)
     return text
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The setup study
+# ---------------------------------------------------------------------------------------------------------------
+def gan_distance(rows: list[dict]) -> float:
+    """The decision rule's distance of a config's 25-mode GAN runs to the paper's GAN row: mean over seeds of
+    |HQ - 85.6| + |modes - 100|, in percentage points."""
+    hq_paper, modes_paper = PAPER_GAN_25
+    return statistics.mean(abs(100 * r["high_quality"] - hq_paper) + abs(100 * r["modes_recovered"] - modes_paper)
+                           for r in rows)
+
+
+def decide(out_root: Path, seeds, iterations) -> tuple[str | None, dict]:
+    """(chosen config or None while a GAN cell is missing, {config: distance or None})."""
+    distances = {}
+    for config in CONFIGS:
+        rows = finished(out_root, config, 25, "gan", seeds, iterations)
+        distances[config] = gan_distance(rows) if len(rows) == len(seeds) else None
+    if any(d is None for d in distances.values()):
+        return None, distances
+    return min(distances, key=distances.get), distances
+
+
+def welch(a: list[float], b: list[float]) -> str:
+    """Two-sided Welch t-test p-value of mean(a) != mean(b), as text ('–' with fewer than 2 values a side)."""
+    if len(a) < 2 or len(b) < 2:
+        return "–"
+    from scipy import stats  # only the report needs scipy
+    if statistics.pstdev(a) == 0 and statistics.pstdev(b) == 0:
+        return "0.000" if statistics.mean(a) != statistics.mean(b) else "1.000"
+    return f"{stats.ttest_ind(a, b, equal_var=False).pvalue:.3f}"
+
+
+def study_report(out_root: Path, seeds, iterations) -> str:
+    """The study table (config x variant, mean ± std and per seed), the decision, Welch tests; writes study.md."""
+    lines = [f"MoG setup study: 25 modes, {iterations} iterations, seeds {list(seeds)} "
+             "(mean ± sample std; per-seed values in seed order).", "",
+             "| config | flags | variant | n | HQ % | modes % | reverse KL | HQ % per seed | modes % per seed |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    metric_rows = {}
+    for config in CONFIGS:
+        for variant in ("gan", "topk"):
+            rows = finished(out_root, config, 25, variant, seeds, iterations)
+            metric_rows[config, variant] = rows
+            hq = [100 * r["high_quality"] for r in rows]
+            modes = [100 * r["modes_recovered"] for r in rows]
+            flags = " ".join(config_flags(config, variant)) or "–"
+            same = f" (= {cell_folder(out_root, config, variant).name})" \
+                if cell_folder(out_root, config, variant).name != config else ""
+            lines.append(f"| {config} | `{flags}` | {variant}{same} | {len(rows)} | {fmt(hq)} | {fmt(modes)} "
+                         f"| {fmt([r['reverse_kl'] for r in rows], 3)} | {', '.join(f'{v:.1f}' for v in hq) or '–'} "
+                         f"| {', '.join(f'{v:.1f}' for v in modes) or '–'} |")
+    chosen, distances = decide(out_root, seeds, iterations)
+    lines += ["", f"Decision rule (pre-registered): the config whose 25-mode GAN row is closest to the paper's GAN row "
+                  f"(HQ {PAPER_GAN_25[0]}, modes {PAPER_GAN_25[1]}): mean over seeds of |HQ - {PAPER_GAN_25[0]}| + "
+                  f"|modes - {PAPER_GAN_25[1]:.0f}| (percentage points).", "",
+              "| config | distance |", "|---|---|"]
+    lines += [f"| {c} | {'–' if d is None else f'{d:.1f}'} |" for c, d in distances.items()]
+    lines += ["", f"Chosen: **{chosen}**" if chosen else "Chosen: – (GAN cells of the study still missing)", "",
+              "Top-k vs GAN, two-sided Welch t-test over seeds (p-values; top-k minus GAN in percentage points):", "",
+              "| config | ΔHQ | p (HQ) | Δmodes | p (modes) |", "|---|---|---|---|---|"]
+    for config in CONFIGS:
+        gan, topk = metric_rows[config, "gan"], metric_rows[config, "topk"]
+        if not gan or not topk:
+            lines.append(f"| {config} | – | – | – | – |")
+            continue
+        cells = []
+        for key in ("high_quality", "modes_recovered"):
+            a, b = [100 * r[key] for r in topk], [100 * r[key] for r in gan]
+            cells += [f"{statistics.mean(a) - statistics.mean(b):+.1f}", welch(a, b)]
+        lines.append(f"| {config} | " + " | ".join(cells) + " |")
+    text = "\n".join(lines) + "\n"
+    out_root.mkdir(parents=True, exist_ok=True)
+    (out_root / "study.md").write_text(text)
+    return text
+
+
+def run_all(work, out_root: Path, args, after_each) -> None:
+    """Run [(config, modes, variant, seed)] `--jobs` at a time, in order; call after_each() as each one ends."""
+    print(f"{len(work)} cells, {args.jobs} at a time", flush=True)
+    with ThreadPoolExecutor(args.jobs) as pool:
+        # submit in order; a pool of `jobs` threads starts them in that order
+        futures = [pool.submit(run_cell, out_root, c, m, v, s, args) for c, m, v, s in work]
+        for future in futures:
+            print(future.result(), flush=True)
+            after_each()
 
 
 def main():
     args = parse_args()
-    out_dir = Path(args.out_dir).resolve()
+    out_root = Path(args.out_dir).resolve()
+    if args.study:
+        # GAN cells of every config first (seed-major): they alone decide the setup; then the top-k cells
+        work = [(c, 25, v, s) for v in ("gan", "topk") for s in args.seeds for c in CONFIGS
+                if not (v == "gan" and cell_folder(out_root, c, v).name != c)]
+        if not args.report_only:
+            run_all(work, out_root, args, lambda: study_report(out_root, args.seeds, args.iterations))
+        print(study_report(out_root, args.seeds, args.iterations), end="")
+        return
+    config = args.config
+    if config == "chosen":
+        config, distances = decide(out_root, args.seeds, args.iterations)
+        if config is None:
+            missing = ", ".join(c for c, d in distances.items() if d is None)
+            print(f"error: --config chosen: the study's GAN cells are not all finished in {out_root} (missing: "
+                  f"{missing}); run --study first", file=sys.stderr)
+            sys.exit(2)
+        print(f"config chosen by the study's decision rule: {config}", flush=True)
     if not args.report_only:
-        work = [(modes, variant, seed) for seed in args.seeds for modes in args.modes for variant in args.variants]
-        print(f"{len(work)} cells, {args.jobs} at a time, seed-major order", flush=True)
-        with ThreadPoolExecutor(args.jobs) as pool:
-            # submit in order; a pool of `jobs` threads starts them in that order
-            futures = [pool.submit(run_cell, out_dir, m, v, s, args) for m, v, s in work]
-            for future in futures:
-                print(future.result(), flush=True)
-                report(out_dir, args.modes, args.variants, args.seeds, args.iterations)
-    print(report(out_dir, args.modes, args.variants, args.seeds, args.iterations), end="")
+        # seed-major, so a sweep cut short still gives a complete table with fewer seeds
+        work = [(config, m, v, s) for s in args.seeds for m in args.modes for v in args.variants]
+        run_all(work, out_root, args, lambda: report(out_root, config, args.modes, args.variants, args.seeds,
+                                                     args.iterations))
+    print(report(out_root, config, args.modes, args.variants, args.seeds, args.iterations), end="")
 
 
 if __name__ == "__main__":
