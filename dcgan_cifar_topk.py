@@ -29,7 +29,8 @@ One training step (one D update, then one G update; a "step" in the logs is one 
     1. z ~ N(0, I); fake = G(z); D update on (real batch, fake.detach()). Top-k never changes this update.
     2. G update on the *same* fake batch (as pytorch/examples; saves a G forward), scored by the updated D.
        Top-k: D sees the whole fake batch (BatchNorm in training mode, so its batch statistics come from all B
-       fakes, exactly as in the official top-k implementation), every fake is scored by D's raw logit, the k
+       fakes: the paper's Algorithm 1 scores the whole batch before selecting, and the authors published no code
+       to say otherwise), every fake is scored by D's raw logit, the k
        highest-scored are kept (the k lowest with --bottomk) and the generator loss (non-saturating, or feature
        matching) is averaged over those k only. k = max(mu, floor(B * gamma**epoch)) for the 0-based epoch, so
        k = B in epoch 0 (common.topk_k); the top-k paper's DCGAN/CIFAR runs used gamma 0.99, mu = B/2.
