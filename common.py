@@ -5,13 +5,14 @@ borrows the pieces below. Everything is plain PyTorch.
 
 Contents
     errors      UserError, run_cli
-    set-up      seed_everything, pick_device, autocast
+    set-up      seed_everything, pick_device, autocast, check_host_sync
     top-k       validate_topk, topk_k, select_topk
     layers      GaussianNoise, MinibatchDiscrimination, VirtualBatchNorm (+ vbn_reference_pass),
                 WNLinear, WNConv2d, WNConvTranspose2d (weight norm with data-dependent init)
     training    HistoricalAverage, EMA
     run folder  make_run_dir, write_json, MetricsLogger, Progress
-    checkpoints save_checkpoint, load_checkpoint, check_resume_config, rng_state, set_rng_state
+    checkpoints save_checkpoint, load_checkpoint, check_resume_config, rng_state, set_rng_state,
+                load_optimizer_state
     data        load_cifar10, load_mnist, fake_images, balanced_label_indices
 """
 
@@ -58,13 +59,21 @@ def run_cli(main) -> None:
 # ----------------------------------------------------------------------------------------------------------------
 # Set-up
 # ----------------------------------------------------------------------------------------------------------------
-def seed_everything(seed: int, torch_deterministic: bool = True) -> None:
-    """Seed python, numpy and torch (all devices); optionally force deterministic cuDNN kernels."""
+def seed_everything(seed: int, torch_deterministic: bool = False) -> None:
+    """Seed python, numpy and torch (all devices) and choose the CUDA kernels.
+
+    torch_deterministic False (the scripts' default, for speed on a GPU): cuDNN autotuning (`benchmark`) and TF32
+    tensor cores for float32 matrix products and convolutions (Ampere and newer). True: deterministic cuDNN
+    algorithms, no autotuning, full float32 products, so a CUDA run repeats bit for bit on the same GPU and software.
+    CPU runs are bit-reproducible either way (none of these settings touches the CPU kernels).
+    """
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
     torch.backends.cudnn.deterministic = torch_deterministic
     torch.backends.cudnn.benchmark = not torch_deterministic
+    torch.backends.cuda.matmul.allow_tf32 = not torch_deterministic
+    torch.backends.cudnn.allow_tf32 = not torch_deterministic
 
 
 def pick_device(spec: str) -> torch.device:
@@ -83,6 +92,15 @@ def pick_device(spec: str) -> torch.device:
     elif device.type != "cpu":
         raise UserError(f"--device {spec!r} is not supported (use auto, cpu, cuda or cuda:N)")
     return device
+
+
+def check_host_sync(enabled: bool) -> None:
+    """CUDA only: make every host synchronisation raise (enabled) or be allowed again (torch.cuda.set_sync_debug_mode).
+
+    The scripts' `--check-host-sync` turns it on around the body of each training step (not around logging,
+    evaluation or checkpoints), so that a CUDA run proves its steps never wait on the host (tests/test_cuda.py).
+    """
+    torch.cuda.set_sync_debug_mode("error" if enabled else "default")
 
 
 def autocast(device: torch.device, amp: str):
@@ -171,6 +189,7 @@ class MinibatchDiscrimination(nn.Module):
 class VirtualBatchNorm(nn.Module):
     """Virtual batch normalisation (Salimans et al. 2016, sec. 3.4) for (B, C) or (B, C, H, W) inputs.
 
+    Statistics and normalisation are computed in float32 (also under autocast); the output has the input's dtype.
     Each example is normalised with the statistics of a fixed reference batch *plus itself*
     (weights 1/(N+1) and N/(N+1), as in the official code), so an example's output does not depend on its
     batch-mates. The reference statistics are recomputed, with gradient, on every forward of the model by
@@ -194,6 +213,10 @@ class VirtualBatchNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dims = [0] + list(range(2, x.dim()))  # batch and spatial dimensions
         shape = self._shape(x)
+        out_dtype = x.dtype
+        # Statistics in float32 whatever the autocast dtype: E[x^2] - E[x]^2 cancels catastrophically in bf16/fp16
+        # (mean 3, std 0.1: the variance is 0.01 against terms of ~9, below bf16's resolution of 9).
+        x = x.float()
         if self.capturing:
             mean, meansq = x.mean(dims), (x * x).mean(dims)
             self.ref_mean, self.ref_meansq, self.ref_size = mean, meansq, x.shape[0]
@@ -209,7 +232,8 @@ class VirtualBatchNorm(nn.Module):
             mean = new * x_mean + (1.0 - new) * self.ref_mean.view(shape)
             meansq = new * x_meansq + (1.0 - new) * self.ref_meansq.view(shape)
         var = (meansq - mean * mean).clamp_min(0.0)
-        return (x - mean) * torch.rsqrt(var + self.eps) * self.weight.view(shape) + self.bias.view(shape)
+        y = (x - mean) * torch.rsqrt(var + self.eps) * self.weight.float().view(shape) + self.bias.float().view(shape)
+        return y.to(out_dtype)
 
 
 def vbn_reference_pass(model: nn.Module, *ref_inputs) -> torch.Tensor:
@@ -338,13 +362,15 @@ class HistoricalAverage:
         self.mean = [p.detach().clone().float() for p in model.parameters()]
 
     def penalty(self, model: nn.Module) -> torch.Tensor:
-        return sum(((p.float() - m) ** 2).sum() for p, m in zip(model.parameters(), self.mean))
+        """Sum over all parameters of ||θ - mean||², one multi-tensor kernel per op (no Python loop per tensor)."""
+        params = [p.float() for p in model.parameters()]  # no copy for float32 parameters
+        return torch.stack(torch._foreach_norm(torch._foreach_sub(params, self.mean))).pow(2).sum()
 
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:
+        """mean ← mean + (θ - mean) / t: the running uniform average, as one multi-tensor lerp."""
         self.count += 1
-        for p, m in zip(model.parameters(), self.mean):
-            m.add_(p.detach().float() - m, alpha=1.0 / self.count)
+        torch._foreach_lerp_(self.mean, [p.detach().float() for p in model.parameters()], 1.0 / self.count)
 
     def state_dict(self) -> dict:
         return {"count": self.count, "mean": self.mean}
@@ -369,10 +395,13 @@ class EMA:
 
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:
-        for p_ema, p in zip(self.module.parameters(), model.parameters()):
-            p_ema.lerp_(p.detach(), 1.0 - self.decay)
-        for b_ema, b in zip(self.module.buffers(), model.buffers()):
-            b_ema.copy_(b)
+        """θ_ema ← θ_ema + (1 - decay)(θ - θ_ema) for all parameters, buffers copied: multi-tensor kernels, not one
+        kernel launch per tensor."""
+        torch._foreach_lerp_(list(self.module.parameters()), [p.detach() for p in model.parameters()],
+                             1.0 - self.decay)
+        buffers = list(self.module.buffers())
+        if buffers:
+            torch._foreach_copy_(buffers, list(model.buffers()))
 
     def state_dict(self) -> dict:
         return self.module.state_dict()
@@ -544,7 +573,8 @@ def check_resume_config(saved_args: dict, args, allowed: tuple[str, ...] = ()) -
     and the length of the run (epochs / iterations / max_steps), so a run can be extended.
     """
     free = {"resume", "device", "out_dir", "exp_name", "track", "save_every", "eval_every", "data_dir",
-            "epochs", "iterations", "max_steps", "compile", "fid_weights", "torch_deterministic"} | set(allowed)
+            "epochs", "iterations", "max_steps", "compile", "fid_weights", "torch_deterministic",
+            "check_host_sync"} | set(allowed)
     current = vars(args)
     diff = [k for k in sorted(set(saved_args) | set(current)) if k not in free
             and k in current and saved_args.get(k) != current.get(k)]
@@ -568,14 +598,46 @@ def rng_state() -> dict:
 
 
 def set_rng_state(state: dict) -> None:
-    """Restore the states saved by `rng_state()`."""
+    """Restore the states saved by `rng_state()`; the tensors may be on any device (they are read on the CPU).
+
+    CUDA states are restored for the GPUs this machine has: a checkpoint from a 4-GPU box resumes on one GPU (the
+    scripts draw on one device only), and one made on a CPU-only machine leaves the GPU generators as seeded.
+    """
     py_version, py_state, py_gauss = state["python"]
     random.setstate((py_version, tuple(py_state), py_gauss))
     np_name, np_keys, np_pos, np_has_gauss, np_gauss = state["numpy"]
-    np.random.set_state((np_name, np_keys.numpy().astype(np.uint32), np_pos, np_has_gauss, np_gauss))
-    torch.set_rng_state(state["torch"])
+    np.random.set_state((np_name, np_keys.cpu().numpy().astype(np.uint32), np_pos, np_has_gauss, np_gauss))
+    torch.set_rng_state(state["torch"].cpu().to(torch.uint8))
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        for index, cuda_state in enumerate(state["cuda"][: torch.cuda.device_count()]):
+            torch.cuda.set_rng_state(cuda_state.cpu().to(torch.uint8), device=index)
+
+
+def load_optimizer_state(opt: torch.optim.Optimizer, state: dict) -> None:
+    """`opt.load_state_dict(state)`, made safe across devices and memory layouts.
+
+    * Keeps this optimizer's implementation settings (fused / foreach / capturable): `Optimizer.load_state_dict`
+      would restore the saved ones, so a checkpoint made on a CPU silently turns fused Adam off on a GPU.
+    * Gives every per-parameter moment its parameter's memory layout: a run resumed with another `--channels-last`
+      loads contiguous moments for channels-last parameters, and fused CUDA Adam refuses mixed layouts.
+    * Puts Adam's `step` where the implementation expects it: on the parameter's device (float32) for fused or
+      capturable Adam, on the CPU otherwise.
+    """
+    impl_keys = ("fused", "foreach", "capturable")
+    kept = [{key: group[key] for key in impl_keys if key in group} for group in opt.param_groups]
+    opt.load_state_dict(state)
+    for group, settings in zip(opt.param_groups, kept):
+        group.update(settings)
+        on_device = bool(group.get("fused") or group.get("capturable"))
+        for p in group["params"]:
+            param_state = opt.state.get(p, {})
+            for name, value in list(param_state.items()):
+                if not torch.is_tensor(value):
+                    continue
+                if name == "step":
+                    param_state[name] = value.to(device=p.device if on_device else "cpu", dtype=torch.float32)
+                elif value.shape == p.shape and value.stride() != p.stride():
+                    param_state[name] = torch.empty_like(p, dtype=value.dtype).copy_(value)
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -11,8 +11,8 @@ mu = 64, 500 epochs, FID every 10 epochs on 10k samples, 50k samples at the end)
 
     python dcgan_cifar_topk.py                                 # DCGAN baseline
     python dcgan_cifar_topk.py --topk --mu 64 --gamma 0.99     # DCGAN + top-k
-    # fast on a recent GPU (bf16, compiled, channels_last, non-deterministic cuDNN autotuning):
-    python dcgan_cifar_topk.py --topk --amp bf16 --compile --no-torch-deterministic
+    # fast on a recent GPU (bf16, compiled; cuDNN autotuning and TF32 are on by default):
+    python dcgan_cifar_topk.py --topk --amp bf16 --compile
 
 Model: the standard 32x32 DCGAN (pytorch/examples `dcgan`, Radford et al.)
     G: z (100) -> ConvT 4x4 -> 512x4x4 -> ConvT k4 s2 p1 -> 256x8x8 -> 128x16x16 -> 3x32x32 tanh,
@@ -112,8 +112,10 @@ def parse_args(argv=None):
     g.add_argument("--exp-name", type=str, default=os.path.basename(__file__)[: -len(".py")],
                    help="run name prefix: the run folder is <out-dir>/<exp-name>__<seed>__<unix time>")
     g.add_argument("--seed", type=int, default=1, help="seed of python, numpy and torch")
-    g.add_argument("--torch-deterministic", action=argparse.BooleanOptionalAction, default=True,
-                   help="deterministic cuDNN algorithms (off = cuDNN autotuning, faster on GPUs)")
+    g.add_argument("--torch-deterministic", action=argparse.BooleanOptionalAction, default=False,
+               help="CUDA only. Off (default, fastest): cuDNN autotuning and TF32 tensor cores for float32 "
+               "products. On: deterministic cuDNN, no autotuning, full float32 (a GPU run repeats bit for bit). "
+               "CPU runs are bit-reproducible either way")
     g.add_argument("--device", type=str, default="auto", help="auto, cpu, cuda or cuda:N")
     g.add_argument("--out-dir", type=str, default="runs", help="folder that receives the run folder")
     g.add_argument("--track", action=argparse.BooleanOptionalAction, default=False,
@@ -175,6 +177,9 @@ def parse_args(argv=None):
     g.add_argument("--grid-size", type=int, default=64, help="images in each fixed-noise sample grid")
     g = p.add_argument_group("performance")
     g.add_argument("--amp", type=str, default="off", help="autocast: off, bf16 or fp16 (fp16: CUDA only)")
+    g.add_argument("--check-host-sync", action=argparse.BooleanOptionalAction, default=False,
+                   help="CUDA only, for tests: raise on any host synchronisation inside a training step (the first "
+                        "two steps of a process and the logging/evaluation/checkpoint code are exempt)")
     g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
                    help="torch.compile G and D")
     g.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True,
@@ -414,6 +419,8 @@ def main(argv=None):
     device = common.pick_device(args.device)
     if args.amp == "fp16" and device.type != "cuda":
         raise common.UserError("--amp fp16 needs a CUDA device (use --amp bf16 on CPU)")
+    if args.check_host_sync and device.type != "cuda":
+        raise common.UserError("--check-host-sync needs a CUDA device")
     ckpt = None
     if args.resume is not None:
         ckpt = common.load_checkpoint(args.resume)
@@ -482,8 +489,9 @@ def main(argv=None):
     if ckpt is not None:
         G.load_state_dict(ckpt["G"])
         D.load_state_dict(ckpt["D"])
-        opt_g.load_state_dict(ckpt["opt_g"])
-        opt_d.load_state_dict(ckpt["opt_d"])
+        # keeps fused Adam and gives the moments the parameters' layout (resume with another --channels-last)
+        common.load_optimizer_state(opt_g, ckpt["opt_g"])
+        common.load_optimizer_state(opt_d, ckpt["opt_d"])
         for obj, key in ((scaler_g, "scaler_g"), (scaler_d, "scaler_d"), (hist_g, "hist_g"), (hist_d, "hist_d")):
             if obj is not None:
                 obj.load_state_dict(ckpt[key])
@@ -520,13 +528,15 @@ def main(argv=None):
 
     @torch.no_grad()
     def generate(z: torch.Tensor) -> torch.Tensor:
-        """G in eval mode (BN running statistics; VBN with its reference batch) -> float32 images in [-1, 1]."""
+        """G in eval mode (BN running statistics; VBN with its reference batch) -> float32 images in [-1, 1].
+
+        Always float32, also under --amp: a bf16 G output moves ~12 % of the uint8 pixels by one level, which
+        would make an AMP run's FID incomparable with an fp32 run's."""
         G.eval()
         try:
-            with amp_ctx():
-                if args.vbn:
-                    common.vbn_reference_pass(G, z_ref)
-                return G(z).float()
+            if args.vbn:
+                common.vbn_reference_pass(G, z_ref)
+            return G(z).float()
         finally:
             G.train()
 
@@ -598,6 +608,7 @@ def main(argv=None):
                             images_per_s=round(ips, 1))
         window["t"] = time.perf_counter()
 
+    sync_check_from = step + 2 if args.check_host_sync else None  # first steps: compilation, lazy CUDA init
     while step < total_steps:
         epoch = step // steps_per_epoch
         # ALGO LOGIC: top-k: k = max(mu, floor(B * gamma**epoch)) from the epoch counter (k = B without --topk)
@@ -610,6 +621,8 @@ def main(argv=None):
         for i in range(step % steps_per_epoch, steps_per_epoch):
             if step >= total_steps:
                 break
+            if sync_check_from is not None:
+                common.check_host_sync(step >= sync_check_from)
             idx = perm[i * B:(i + 1) * B]
             x_real = data[idx]
             if flips is not None:
@@ -658,6 +671,8 @@ def main(argv=None):
             pending.append(torch.stack([loss_d.detach().float(), loss_g.detach().float(),
                                         d_real.detach().float().mean(), d_fake.detach().float().mean()]))
             step += 1
+            if sync_check_from is not None:
+                common.check_host_sync(False)  # logging, evaluation and checkpoints read from the device
             if step % args.log_every == 0:
                 flush(epoch, k)
 

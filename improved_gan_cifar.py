@@ -118,8 +118,10 @@ def parse_args(argv=None):
     # run
     a("--exp-name", default=os.path.basename(__file__)[: -len(".py")], help="run name prefix")
     a("--seed", type=int, default=1, help="seed of python, numpy, torch and of the data order")
-    a("--torch-deterministic", action=argparse.BooleanOptionalAction, default=True,
-      help="cuDNN deterministic algorithms (off: faster autotuned kernels)")
+    a("--torch-deterministic", action=argparse.BooleanOptionalAction, default=False,
+  help="CUDA only. Off (default, fastest): cuDNN autotuning and TF32 tensor cores for float32 "
+  "products. On: deterministic cuDNN, no autotuning, full float32 (a GPU run repeats bit for bit). "
+  "CPU runs are bit-reproducible either way")
     a("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     a("--out-dir", default="runs", help="parent folder of the run folder")
     a("--track", action=argparse.BooleanOptionalAction, default=False, help="also log to TensorBoard")
@@ -181,6 +183,9 @@ def parse_args(argv=None):
     # speed
     a("--amp", choices=["off", "bf16", "fp16"], default="off", help="mixed precision autocast")
     a("--compile", action=argparse.BooleanOptionalAction, default=False, help="torch.compile D and G")
+    a("--check-host-sync", action=argparse.BooleanOptionalAction, default=False,
+      help="CUDA only, for tests: raise on any host synchronisation inside a training step (the first "
+           "two steps of a process and the logging/evaluation/checkpoint code are exempt)")
     a("--channels-last", action=argparse.BooleanOptionalAction, default=False,
       help="channels_last memory format for the conv nets (faster on recent GPUs)")
     return p.parse_args(argv)
@@ -389,6 +394,8 @@ def main():
     device = common.pick_device(args.device)
     amp = lambda: common.autocast(device, args.amp)  # noqa: E731
     amp()  # raises UserError now for --amp fp16 on the CPU
+    if args.check_host_sync and device.type != "cuda":
+        raise common.UserError("--check-host-sync needs a CUDA device")
     resume = common.load_checkpoint(args.resume) if args.resume else None
     if resume is not None:
         common.check_resume_config(resume["args"], args, allowed=("fid", "fid_every", "fid_samples", "fid_batch_size",
@@ -458,12 +465,13 @@ def main():
                 generate(G.train(), noise(batch))
     ema = common.EMA(D, args.ema_decay)
     d_params = [p for p in D.parameters() if p.requires_grad]
-    opt_d = torch.optim.Adam(d_params, lr=args.lr, betas=(args.beta1, 0.999), eps=args.adam_eps)
+    fused = device.type == "cuda"  # one multi-tensor kernel, and GradScaler.step without a host sync under fp16
+    opt_d = torch.optim.Adam(d_params, lr=args.lr, betas=(args.beta1, 0.999), eps=args.adam_eps, fused=fused)
     hist_d = common.HistoricalAverage(D) if args.hist_avg > 0 else None
     scaler_d = torch.amp.GradScaler(device.type, enabled=args.amp == "fp16")
     if G is not None:
         g_params = list(G.parameters())
-        opt_g = torch.optim.Adam(g_params, lr=args.lr, betas=(args.beta1, 0.999), eps=args.adam_eps)
+        opt_g = torch.optim.Adam(g_params, lr=args.lr, betas=(args.beta1, 0.999), eps=args.adam_eps, fused=fused)
         hist_g = common.HistoricalAverage(G) if args.hist_avg > 0 else None
         scaler_g = torch.amp.GradScaler(device.type, enabled=args.amp == "fp16")
     D_fwd = torch.compile(D) if args.compile else D
@@ -473,14 +481,14 @@ def main():
     step, sums = 0, torch.zeros(5, device=device)  # per-epoch sums: loss_lab, loss_unl, loss_gen, train_err, steps
     if resume is not None:
         D.load_state_dict(resume["D"])
-        opt_d.load_state_dict(resume["opt_d"])
+        common.load_optimizer_state(opt_d, resume["opt_d"])
         ema.load_state_dict(resume["ema"])
         scaler_d.load_state_dict(resume["scaler_d"])
         if hist_d is not None:
             hist_d.load_state_dict(resume["hist_d"])
         if G is not None:
             G.load_state_dict(resume["G"])
-            opt_g.load_state_dict(resume["opt_g"])
+            common.load_optimizer_state(opt_g, resume["opt_g"])
             scaler_g.load_state_dict(resume["scaler_g"])
             if hist_g is not None:
                 hist_g.load_state_dict(resume["hist_g"])
@@ -516,25 +524,25 @@ def main():
 
     @torch.no_grad()
     def sample(n, generator=None):
-        """n images from G in batches of --batch-size (G's batch norm uses batch statistics)."""
+        """n images from G in batches of --batch-size (G's batch norm uses batch statistics), in float32 also
+        under --amp, so that an AMP run's FID is comparable with an fp32 run's."""
         out = []
         for i in range(0, n, batch):
             z = torch.rand(min(batch, n - i), 100, device=device, generator=generator)
-            with amp():
-                out.append(generate(G, z).float())
+            out.append(generate(G, z).float())
         return torch.cat(out)
 
     @torch.no_grad()
     def evaluate(with_fid: bool) -> dict:
-        model, wrong = ema.module.eval(), 0
+        model = ema.module.eval()
+        wrong = torch.zeros((), dtype=torch.long, device=device)  # summed on the device, read once
         for i in range(0, len(test_x), batch):
             with amp():
                 logits, _ = model(to_input(test_x[i: i + batch]))
-            wrong += int((logits.argmax(1) != test_y[i: i + batch]).sum())
-        result = {"test_error": wrong / len(test_x)}
+            wrong += (logits.argmax(1) != test_y[i: i + batch]).sum()
+        result = {"test_error": int(wrong) / len(test_x)}
         if G is not None:
-            with amp():
-                grid = generate(G, z_fixed).float()
+            grid = generate(G, z_fixed).float()
             from torchvision.utils import save_image
             save_image(grid * 0.5 + 0.5, run_dir / "samples" / f"step_{step:08d}.png",
                        nrow=math.ceil(math.sqrt(args.grid_size)))
@@ -549,6 +557,7 @@ def main():
     t_start, last_eval, last_result = time.time(), -1, {}
     k = batch
     lab_stream = unl_stream = unl2_stream = None
+    sync_check_from = step + 2 if args.check_host_sync else None  # first steps: compilation, lazy CUDA init
     while step < total_steps:
         epoch, t = divmod(step, steps_per_epoch)
         if lab_stream is None or t == 0:
@@ -560,6 +569,8 @@ def main():
                 group["lr"] = args.lr * factor
         # ALGO LOGIC: top-k -- k = max(mu, floor(B gamma^epoch)) fakes per G update, from the epoch counter
         k = common.topk_k(batch, epoch, args.mu, args.gamma) if args.topk else batch
+        if sync_check_from is not None:
+            common.check_host_sync(step >= sync_check_from)
         rows = slice(t * batch, (t + 1) * batch)
         x_lab, y_lab = to_input(train_x[lab_stream[rows]]), train_y[lab_stream[rows]]
 
@@ -593,6 +604,8 @@ def main():
 
         # ALGO LOGIC: G step(s) -- feature matching or minimax/non-saturating, on the top-k scored fakes only
         loss_g = torch.zeros((), device=device)
+        for p in d_params if G is not None else []:
+            p.requires_grad_(False)  # no weight gradients of D in the G step (a compiled D would compute them all)
         for _ in range(args.g_steps if G is not None else 0):
             with amp():
                 logits_fake, feat_fake = D_fwd(generate(G_fwd, noise(batch)))
@@ -612,11 +625,15 @@ def main():
             scaler_g.update()
             if hist_g is not None:
                 hist_g.update(G)
+        for p in d_params if G is not None else []:
+            p.requires_grad_(True)
 
         losses = torch.stack([loss_lab.detach(), loss_unl.detach(), loss_g.detach()]).float()
         first_bad = torch.where((first_bad < 0) & ~torch.isfinite(losses).all(), step + 1, first_bad)
         sums += torch.cat([losses, train_err.reshape(1), torch.ones(1, device=device)])
         step += 1
+        if sync_check_from is not None:
+            common.check_host_sync(False)  # logging, evaluation and checkpoints read from the device
 
         epoch_end = step % steps_per_epoch == 0
         if progress.due(step):

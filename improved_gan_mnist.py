@@ -98,8 +98,10 @@ def parse_args(argv=None):
     # run
     p.add_argument("--exp-name", type=str, default=Path(__file__).stem, help="run folder prefix")
     p.add_argument("--seed", type=int, default=1, help="seed of python, numpy, torch (weights, noise, data order)")
-    p.add_argument("--torch-deterministic", action=argparse.BooleanOptionalAction, default=True,
-                   help="cuDNN deterministic algorithms")
+    p.add_argument("--torch-deterministic", action=argparse.BooleanOptionalAction, default=False,
+               help="CUDA only. Off (default, fastest): cuDNN autotuning and TF32 tensor cores for float32 "
+               "products. On: deterministic cuDNN, no autotuning, full float32 (a GPU run repeats bit for bit). "
+               "CPU runs are bit-reproducible either way")
     p.add_argument("--device", type=str, default="auto", help="auto | cpu | cuda | cuda:N (auto = cuda if available)")
     p.add_argument("--out-dir", type=str, default="runs", help="parent folder of the run folder")
     p.add_argument("--track", action=argparse.BooleanOptionalAction, default=False,
@@ -133,6 +135,9 @@ def parse_args(argv=None):
     p.add_argument("--init-size", type=int, default=500, help="training digits in the data-dependent init batch")
     p.add_argument("--amp", choices=["off", "bf16", "fp16"], default="off", help="mixed precision (fp16: CUDA only)")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False, help="torch.compile G and D")
+    p.add_argument("--check-host-sync", action=argparse.BooleanOptionalAction, default=False,
+                   help="CUDA only, for tests: raise on any host synchronisation inside a training step (the first "
+                        "two steps of a process and the logging/evaluation/checkpoint code are exempt)")
     # top-k
     p.add_argument("--topk", action=argparse.BooleanOptionalAction, default=False,
                    help="G learns from the k fakes with the highest realness logit logsumexp(l) only")
@@ -313,15 +318,16 @@ def epoch_orders(seed: int, epoch: int, n_train: int, n_labeled: int, steps: int
 
 @torch.no_grad()
 def count_errors(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int = 1000) -> int:
-    """Number of misclassified digits (argmax over the 10 logits), model in eval mode (no noise)."""
+    """Number of misclassified digits (argmax over the 10 logits), model in eval mode (no noise). The count is
+    accumulated on the device and read once (no host synchronisation per batch)."""
     was_training = model.training
     model.eval()
-    wrong = 0
+    wrong = torch.zeros((), dtype=torch.long, device=x.device)
     for i in range(0, len(x), batch):
         logits, _ = model(x[i:i + batch])
-        wrong += int((logits.argmax(1) != y[i:i + batch]).sum())
+        wrong += (logits.argmax(1) != y[i:i + batch]).sum()
     model.train(was_training)
-    return wrong
+    return int(wrong)
 
 
 def load_data(args, device):
@@ -341,6 +347,8 @@ def main(argv=None):
     validate_args(args)
     device = common.pick_device(args.device)
     common.autocast(device, args.amp)  # rejects --amp fp16 on the CPU before anything is written
+    if args.check_host_sync and device.type != "cuda":
+        raise common.UserError("--check-host-sync needs a CUDA device")
     resume_state = None
     if args.resume:
         resume_state = common.load_checkpoint(args.resume)
@@ -381,13 +389,14 @@ def main(argv=None):
         with torch.no_grad():
             D.train()(x_init)
     d_params = [p for p in D.parameters() if p.requires_grad]
-    opt_d = torch.optim.Adam(d_params, lr=args.lr, betas=(args.beta1, args.beta2), eps=args.adam_eps)
+    fused = device.type == "cuda"  # one multi-tensor kernel, and GradScaler.step without a host sync under fp16
+    opt_d = torch.optim.Adam(d_params, lr=args.lr, betas=(args.beta1, args.beta2), eps=args.adam_eps, fused=fused)
     ema = common.EMA(D, args.ema_decay)  # after the init, so the average starts from the initialised weights
     scaler_d = torch.amp.GradScaler(device.type, enabled=args.amp == "fp16")
     hist_d = common.HistoricalAverage(D) if args.hist_avg > 0 else None
     if G is not None:
         g_params = [p for p in G.parameters() if p.requires_grad]
-        opt_g = torch.optim.Adam(g_params, lr=args.lr, betas=(args.beta1, args.beta2), eps=args.adam_eps)
+        opt_g = torch.optim.Adam(g_params, lr=args.lr, betas=(args.beta1, args.beta2), eps=args.adam_eps, fused=fused)
         scaler_g = torch.amp.GradScaler(device.type, enabled=args.amp == "fp16")
         hist_g = common.HistoricalAverage(G) if args.hist_avg > 0 else None
         fixed_z = torch.rand(100, Z_DIM, generator=torch.Generator().manual_seed(args.seed)).to(device)
@@ -412,10 +421,11 @@ def main(argv=None):
     step_losses = torch.zeros(steps_per_epoch, 4, device=device)  # loss_lab, loss_unl, loss_gen, train_err
     if resume_state is not None:
         s = resume_state
-        D.load_state_dict(s["D"]), opt_d.load_state_dict(s["opt_d"]), ema.load_state_dict(s["ema"])
+        D.load_state_dict(s["D"]), common.load_optimizer_state(opt_d, s["opt_d"]), ema.load_state_dict(s["ema"])
         scaler_d.load_state_dict(s["scaler_d"])
         if G is not None:
-            G.load_state_dict(s["G"]), opt_g.load_state_dict(s["opt_g"]), scaler_g.load_state_dict(s["scaler_g"])
+            G.load_state_dict(s["G"]), common.load_optimizer_state(opt_g, s["opt_g"])
+            scaler_g.load_state_dict(s["scaler_g"])
         if hist_d is not None:
             hist_d.load_state_dict(s["hist_d"]), hist_g.load_state_dict(s["hist_g"])
         step, epoch, start_batch, train_time = s["step"], s["epoch"], s["batch_in_epoch"], s["train_time"]
@@ -455,6 +465,7 @@ def main(argv=None):
     progress = common.Progress(total_steps, start=step)
     last_record, batch_in_epoch, k = {}, start_batch, batch
     t_run = time.perf_counter()
+    sync_check_from = step + 2 if args.check_host_sync else None  # first steps: compilation, lazy CUDA init
     while epoch < args.epochs and step < total_steps:
         # ALGO LOGIC: top-k: k = max(mu, floor(B * gamma^epoch)) from the epoch counter (k = B without --topk)
         k = common.topk_k(batch, epoch, args.mu, args.gamma) if args.topk else batch
@@ -465,6 +476,8 @@ def main(argv=None):
         first_batch = batch_in_epoch
         t_epoch = time.perf_counter()
         while batch_in_epoch < steps_per_epoch and step < total_steps:
+            if sync_check_from is not None:
+                common.check_host_sync(step >= sync_check_from)
             sl = slice(batch_in_epoch * batch, (batch_in_epoch + 1) * batch)
             xl, yl, xu = x_lab[order_lab[sl]], y_lab[order_lab[sl]], x_train[order_unl[sl]]
 
@@ -522,6 +535,8 @@ def main(argv=None):
             step_losses[batch_in_epoch] = torch.stack([loss_lab.detach(), loss_unl.detach(), loss_g.detach(), train_err]).float()
             batch_in_epoch += 1
             step += 1
+            if sync_check_from is not None:
+                common.check_host_sync(False)  # logging, evaluation and checkpoints read from the device
             if progress.due(step):
                 progress.report(step, epoch=epoch + 1, k=k, **{k_: v for k_, v in last_record.items() if "pct" in k_})
 

@@ -540,9 +540,8 @@ def _module_device(module) -> torch.device:
 
 def _quantize(images: torch.Tensor) -> torch.Tensor:
     """Generator outputs in [-1, 1], (N, C, H, W) float → uint8, exactly as torchvision's save_image(normalize=True,
-    value_range=(-1, 1)) writes PNGs: clamp, map to [0, 1], x·255 + 0.5, truncate."""
-    if not bool(torch.isfinite(images).all()):
-        raise ValueError("generated images contain NaN or inf")
+    value_range=(-1, 1)) writes PNGs: clamp, map to [0, 1], x·255 + 0.5, truncate. NaN/inf are not checked here
+    (see evaluate_generator, which checks once for the whole stream)."""
     unit = (images.float().clamp(-1, 1) + 1) / 2
     return unit.mul(255).add_(0.5).clamp_(0, 255).to(torch.uint8)
 
@@ -553,7 +552,8 @@ def _inception_pass(batches, inception, device, keep_logits: bool):
     batches: iterable of (B, C, H, W) uint8 tensors, C in {1, 3} (grayscale is repeated to RGB, as PIL's
     convert("RGB") does for pytorch-fid on saved PNGs). Pixels enter the network as uint8/255 in float32, with
     autocast disabled and under torch.inference_mode. Returns (mu, sigma) float64 tensors on `device`, and the
-    (N, 1008) float32 CPU logits when keep_logits (else None).
+    (N, 1008) float32 CPU logits when keep_logits (else None). Nothing is read back to the host per batch: the
+    logits stay on `device` until the end (one copy), so a GPU pass never waits on the host.
     """
     acc, logits = _MomentAccumulator(), []
     with torch.inference_mode(), torch.autocast(torch.device(device).type, enabled=False):
@@ -564,9 +564,9 @@ def _inception_pass(batches, inception, device, keep_logits: bool):
             pool3, batch_logits = inception(x)
             acc.update(pool3)
             if keep_logits:
-                logits.append(batch_logits.float().cpu())
+                logits.append(batch_logits.float())
     mu, sigma = acc.finalize()
-    return mu, sigma, (torch.cat(logits) if keep_logits else None)
+    return mu, sigma, (torch.cat(logits).cpu() if keep_logits else None)
 
 
 def _load_stats(path: str) -> tuple[np.ndarray, np.ndarray]:
@@ -630,15 +630,20 @@ def evaluate_generator(sample_fn, n_samples: int, ref_mu, ref_sigma, inception, 
     if n_samples < max(2, is_splits):
         raise ValueError(f"n_samples must be at least max(2, is_splits={is_splits}), got {n_samples}")
     device = _module_device(inception) if device is None else torch.device(device)
+    all_finite = torch.ones((), dtype=torch.bool, device=device)  # checked once at the end, not per batch
 
     def batches():
+        nonlocal all_finite
         for start in range(0, n_samples, batch_size):
             n = min(batch_size, n_samples - start)
             images = sample_fn(n)
             if images.ndim != 4 or images.shape[0] != n:
                 raise ValueError(f"sample_fn({n}) must return (n, C, H, W), got shape {tuple(images.shape)}")
+            all_finite = all_finite & torch.isfinite(images).all().to(device)
             yield _quantize(images)
 
     mu, sigma, logits = _inception_pass(batches(), inception, device, keep_logits=True)
+    if not bool(all_finite):
+        raise ValueError("generated images contain NaN or inf")
     is_mean, is_std = inception_score(logits, splits=is_splits, from_logits=True)
     return {"fid": frechet_distance(mu, sigma, ref_mu, ref_sigma), "is_mean": is_mean, "is_std": is_std}

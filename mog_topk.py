@@ -80,9 +80,14 @@ def parse_args(argv=None):
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     # run
     p.add_argument("--seed", type=int, default=1, help="seed of python, numpy and torch")
-    p.add_argument("--torch-deterministic", action=argparse.BooleanOptionalAction, default=True,
-                   help="cuDNN deterministic algorithms")
+    p.add_argument("--torch-deterministic", action=argparse.BooleanOptionalAction, default=False,
+               help="CUDA only. Off (default, fastest): cuDNN autotuning and TF32 tensor cores for float32 "
+               "products. On: deterministic cuDNN, no autotuning, full float32 (a GPU run repeats bit for bit). "
+               "CPU runs are bit-reproducible either way")
     p.add_argument("--device", type=str, default="auto", help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--check-host-sync", action=argparse.BooleanOptionalAction, default=False,
+                   help="CUDA only, for tests: raise on any host synchronisation inside a training step (the first "
+                        "two steps of a process and the logging/evaluation/checkpoint code are exempt)")
     p.add_argument("--fast-step", action=argparse.BooleanOptionalAction, default=True,
                    help="hand-written back-propagation (FastStep; same maths as autograd to float rounding) when no "
                         "option needs autograd: ignored with --feature-matching/--minibatch-disc/--vbn/--hist-avg")
@@ -445,7 +450,9 @@ def evaluate(G, z_eval, centers_np, std):
 def main(argv=None):
     args = parse_args(argv)
     device = common.pick_device(args.device)
-    resume_state = common.load_checkpoint(args.resume, map_location=device) if args.resume else None
+    if args.check_host_sync and device.type != "cuda":
+        raise common.UserError("--check-host-sync needs a CUDA device")
+    resume_state = common.load_checkpoint(args.resume) if args.resume else None  # CPU first; moved by load_state_dict
     if resume_state is not None:
         common.check_resume_config(resume_state["args"], args, allowed=("threads", "log_every", "keep_checkpoints",
                                                                                    "fast_step"))
@@ -483,8 +490,8 @@ def main(argv=None):
     if resume_state is not None:
         G.load_state_dict(resume_state["G"])
         D.load_state_dict(resume_state["D"])
-        opt_g.load_state_dict(resume_state["opt_g"])
-        opt_d.load_state_dict(resume_state["opt_d"])
+        common.load_optimizer_state(opt_g, resume_state["opt_g"])
+        common.load_optimizer_state(opt_d, resume_state["opt_d"])
         if cfg.ha_g is not None:
             cfg.ha_g.load_state_dict(resume_state["ha_g"])
             cfg.ha_d.load_state_dict(resume_state["ha_d"])
@@ -556,8 +563,11 @@ def main(argv=None):
         buf_start, filled, t_flush = step_, 0, now
 
     G.train(), D.train()
+    sync_check_from = step + 2 if args.check_host_sync else None  # first steps: allocation, lazy CUDA init
     while step < end:
         k = k_at(step)
+        if sync_check_from is not None:
+            common.check_host_sync(step >= sync_check_from)
         real_d = sample_real(centers, args.std, B, gen)
         z_d = torch.randn(B, args.latent_dim, generator=gen, device=device)
         z_g = torch.randn(B, args.latent_dim, generator=gen, device=device)
@@ -570,6 +580,8 @@ def main(argv=None):
         loss_buf[filled, 1] = loss_g
         filled += 1
         step += 1
+        if sync_check_from is not None:
+            common.check_host_sync(False)  # logging, evaluation and checkpoints read from the device
         save_now = step % args.save_every == 0 or step == end
         if step % args.log_every == 0 or save_now or step % args.eval_every == 0:
             flush(step)
