@@ -267,10 +267,14 @@ def welch(a: list[float], b: list[float]) -> str:
     """Two-sided Welch t-test p-value of mean(a) != mean(b), as text ('–' with fewer than 2 values a side)."""
     if len(a) < 2 or len(b) < 2:
         return "–"
+    import warnings
+
     from scipy import stats  # only the report needs scipy
     if statistics.pstdev(a) == 0 and statistics.pstdev(b) == 0:
         return "0.000" if statistics.mean(a) != statistics.mean(b) else "1.000"
-    return f"{stats.ttest_ind(a, b, equal_var=False).pvalue:.3f}"
+    with warnings.catch_warnings():  # one constant side (e.g. modes 100 % on every seed) is fine for Welch
+        warnings.simplefilter("ignore", RuntimeWarning)
+        return f"{stats.ttest_ind(a, b, equal_var=False).pvalue:.3f}"
 
 
 def study_report(out_root: Path, seeds, iterations) -> str:
@@ -314,7 +318,93 @@ def study_report(out_root: Path, seeds, iterations) -> str:
     text = "\n".join(lines) + "\n"
     out_root.mkdir(parents=True, exist_ok=True)
     (out_root / "study.md").write_text(text)
+    study_plot(out_root, seeds, iterations, out_root / "study.png")
     return text
+
+
+COLOURS = {"base": (90, 90, 90), "spacing1": (31, 119, 180), "depth4": (44, 160, 44), "slowk": (255, 127, 14),
+           "betas": (148, 103, 189), "all": (214, 39, 40)}
+
+
+def study_plot(out_root: Path, seeds, iterations, path: Path, size: tuple[int, int] = (900, 680)) -> None:
+    """results/mog/study.png: HQ % (y) against modes % (x) at 25 modes, one colour per config; every seed's run as a
+    light marker (circle = GAN, triangle = top-k), the seed means as solid markers joined by an arrow GAN -> top-k;
+    the paper's two rows in black. Drawn with Pillow."""
+    from PIL import Image, ImageDraw
+
+    W, H = size
+    left, right, top, bottom = 70, 190, 60, 60
+    img = Image.new("RGB", (W, H), "white")
+    d = ImageDraw.Draw(img)
+    x_lo, x_hi, y_lo, y_hi = 0.0, 100.0, 0.0, 100.0
+
+    def px(modes, hq):
+        return (left + (modes - x_lo) / (x_hi - x_lo) * (W - left - right),
+                H - bottom - (hq - y_lo) / (y_hi - y_lo) * (H - top - bottom))
+
+    # axes, grid, ticks and labels
+    for v in range(0, 101, 10):
+        x, _ = px(v, 0)
+        _, y = px(0, v)
+        d.line([x, top, x, H - bottom], fill=(235, 235, 235))
+        d.line([left, y, W - right, y], fill=(235, 235, 235))
+        d.line([x, H - bottom, x, H - bottom + 5], fill="black")
+        d.line([left - 5, y, left, y], fill="black")
+        d.text((x - 6, H - bottom + 8), str(v), fill="black")
+        d.text((left - 30, y - 6), str(v), fill="black")
+    d.rectangle([left, top, W - right, H - bottom], outline="black")
+    d.text(((left + W - right) / 2 - 70, H - 25), "modes recovered (%)", fill="black")
+    d.text((8, top - 22), "high-quality samples (%)", fill="black")
+    d.text((left, 8), f"MoG setup study: 25 modes, {iterations} iterations, seeds {list(seeds)}: GAN -> top-k",
+           fill="black")
+
+    def marker(x, y, shape, colour, r=5, fill=True):
+        if shape == "circle":
+            d.ellipse([x - r, y - r, x + r, y + r], fill=colour if fill else None, outline=colour)
+        else:
+            d.polygon([(x, y - r - 1), (x - r, y + r), (x + r, y + r)], fill=colour if fill else None, outline=colour)
+
+    def light(c):
+        return tuple(int(v + (255 - v) * 0.6) for v in c)
+
+    for config, colour in COLOURS.items():
+        means = {}
+        for variant, shape in (("gan", "circle"), ("topk", "triangle")):
+            rows = finished(out_root, config, 25, variant, seeds, iterations)
+            for r in rows:
+                marker(*px(100 * r["modes_recovered"], 100 * r["high_quality"]), shape, light(colour), r=4)
+            if rows:
+                means[variant] = px(statistics.mean(100 * r["modes_recovered"] for r in rows),
+                                    statistics.mean(100 * r["high_quality"] for r in rows))
+        if "gan" in means and "topk" in means:
+            (x0, y0), (x1, y1) = means["gan"], means["topk"]
+            d.line([x0, y0, x1, y1], fill=colour, width=2)
+            length = max(((x1 - x0) ** 2 + (y1 - y0) ** 2) ** 0.5, 1e-9)
+            ux, uy = (x1 - x0) / length, (y1 - y0) / length
+            d.polygon([(x1, y1), (x1 - 12 * ux + 5 * uy, y1 - 12 * uy - 5 * ux),
+                       (x1 - 12 * ux - 5 * uy, y1 - 12 * uy + 5 * ux)], fill=colour)
+        for variant, shape in (("gan", "circle"), ("topk", "triangle")):
+            if variant in means:
+                marker(*means[variant], shape, colour, r=6)
+    for (hq, modes), shape in ((PAPER[25]["gan"], "circle"), (PAPER[25]["topk"], "triangle")):
+        marker(*px(modes, hq), shape, (0, 0, 0), r=6, fill=False)
+
+    # legend
+    x, y = W - right + 15, top
+    for config, colour in COLOURS.items():
+        d.rectangle([x, y + 2, x + 12, y + 12], fill=colour)
+        d.text((x + 18, y), config, fill="black")
+        y += 20
+    y += 10
+    for text, shape, colour, fill in (("GAN (mean)", "circle", (60, 60, 60), True),
+                                      ("top-k (mean)", "triangle", (60, 60, 60), True),
+                                      ("one seed", "circle", light((60, 60, 60)), True),
+                                      ("paper", "circle", (0, 0, 0), False)):
+        marker(x + 6, y + 7, shape, colour, fill=fill)
+        d.text((x + 18, y), text, fill="black")
+        y += 20
+    path.parent.mkdir(parents=True, exist_ok=True)
+    img.save(path)
 
 
 def run_all(work, out_root: Path, args, after_each) -> None:

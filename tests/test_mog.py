@@ -202,3 +202,48 @@ def test_direction_stats_on_hand_made_points():
     cos, dist = mog_update_direction.direction_stats(before, after, centers, std=0.05)
     np.testing.assert_allclose(cos, [1.0, -1.0])
     np.testing.assert_allclose(dist, [10.0, 6.0])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# --hidden-layers (the setup study's depth factor)
+# ---------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("layers", [1, 3, 4])
+def test_hidden_layers_sets_the_depth_of_g_and_d(layers):
+    G, D = mog_topk.Generator(2, 16, hidden_layers=layers), mog_topk.Discriminator(16, hidden_layers=layers)
+    linear = lambda m: [x for x in m.modules() if isinstance(x, torch.nn.Linear)]  # noqa: E731
+    assert [(l.in_features, l.out_features) for l in linear(G)] == [(2, 16)] + [(16, 16)] * (layers - 1) + [(16, 2)]
+    assert [(l.in_features, l.out_features) for l in linear(D)] == [(2, 16)] + [(16, 16)] * (layers - 1) + [(16, 1)]
+    assert D(torch.randn(5, 2), features=True)[1].shape == (5, 16)
+
+
+def test_default_depth_keeps_the_checkpoint_layout():
+    """Default 3 hidden layers: the same parameter names as before the flag existed (old checkpoints load)."""
+    assert list(mog_topk.Discriminator(8).state_dict()) == [
+        "trunk.0.weight", "trunk.0.bias", "trunk.2.weight", "trunk.2.bias", "trunk.4.weight", "trunk.4.bias",
+        "out.weight", "out.bias"]
+    assert list(mog_topk.Generator(2, 8).state_dict()) == [
+        "z_ref", "net.0.weight", "net.0.bias", "net.2.weight", "net.2.bias", "net.4.weight", "net.4.bias",
+        "net.6.weight", "net.6.bias"]
+
+
+def test_fast_step_equals_autograd_with_four_hidden_layers():
+    ns = argparse.Namespace(bottomk=False, label_smoothing=0.0, feature_matching=False, minibatch_disc=False,
+                            hist_avg=0.0)
+    torch.manual_seed(0)
+    G0, D0 = mog_topk.Generator(2, 16, hidden_layers=4), mog_topk.Discriminator(16, hidden_layers=4)
+    weights = {}
+    for kind in ("autograd", "fast"):
+        G, D = mog_topk.Generator(2, 16, hidden_layers=4), mog_topk.Discriminator(16, hidden_layers=4)
+        G.load_state_dict(G0.state_dict())
+        D.load_state_dict(D0.state_dict())
+        opt_g, opt_d = torch.optim.Adam(G.parameters(), lr=1e-3), torch.optim.Adam(D.parameters(), lr=1e-3)
+        cfg = mog_topk.StepConfig(ns, G, D)
+        fast = mog_topk.FastStep(G, D, cfg)
+        gen = torch.Generator().manual_seed(3)
+        for _ in range(5):
+            real, z_d, z_g = (torch.randn(32, 2, generator=gen) for _ in range(3))
+            fast(opt_g, opt_d, real, z_d, z_g, 12) if kind == "fast" else \
+                mog_topk.train_step(G, D, opt_g, opt_d, cfg, real, z_d, z_g, None, 12)
+        weights[kind] = [p.detach() for p in [*G.parameters(), *D.parameters()]]
+    for p_fast, p_auto in zip(weights["fast"], weights["autograd"]):
+        torch.testing.assert_close(p_fast, p_auto, rtol=1e-5, atol=1e-6)

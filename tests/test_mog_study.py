@@ -1,0 +1,115 @@
+"""The MoG setup study in sweeps/mog_table1.py: config flags, the shared GAN run of configs that differ only in
+top-k flags, the pre-registered decision rule, the Welch test, the report and its picture, and one real tiny cell."""
+
+import importlib.util
+import json
+import math
+import subprocess
+import sys
+
+import pytest
+from PIL import Image
+from scipy import stats
+
+from conftest import REPO, assert_one_line_error
+
+spec = importlib.util.spec_from_file_location("mog_table1", REPO / "sweeps" / "mog_table1.py")
+sweep = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(sweep)
+
+ITER = 50000
+
+
+def fake_run(out_root, config, variant, seed, hq, modes, rkl=0.5):
+    """A finished run folder as mog_topk.py leaves it (only what the report reads)."""
+    folder = sweep.cell_folder(out_root, config, variant) / f"mog25_{variant}__{seed}__{1000 + seed}"
+    folder.mkdir(parents=True)
+    (folder / "summary.json").write_text(json.dumps({"step": ITER, "seed": seed, "high_quality": hq / 100,
+                                                     "modes_recovered": modes / 100, "reverse_kl": rkl,
+                                                     "wall_time_s": 1.0}))
+
+
+def test_config_flags_and_the_shared_gan_run(tmp_path):
+    assert sweep.config_flags("slowk", "gan") == []  # the k schedule does not exist without --topk
+    assert sweep.config_flags("slowk", "topk") == ["--iters-per-epoch", "2000", "--mu", "192"]
+    assert sweep.cell_folder(tmp_path, "slowk", "gan") == tmp_path / "base"
+    assert sweep.cell_folder(tmp_path, "slowk", "topk") == tmp_path / "slowk"
+    assert sweep.cell_folder(tmp_path, "all", "gan") == tmp_path / "all"
+    all_flags = sweep.config_flags("all", "topk")
+    for config in ("spacing1", "depth4", "slowk", "betas"):
+        for flag in sweep.config_flags(config, "topk"):
+            assert flag in all_flags, (config, flag)
+
+
+def test_decision_rule_uses_only_the_gan_rows(tmp_path):
+    gan = {"base": (93, 73), "spacing1": (97, 84), "depth4": (90, 95), "betas": (80, 100), "all": (88, 92)}
+    for config, (hq, modes) in gan.items():
+        for seed in (1, 2, 3):
+            fake_run(tmp_path, config, "gan", seed, hq + seed - 2, modes)
+    chosen, distances = sweep.decide(tmp_path, [1, 2, 3], ITER)
+    # |HQ - 85.6| + |modes - 100|, mean over seeds (HQ = hq - 1, hq, hq + 1)
+    expected = {c: sum(abs(hq + d - 85.6) for d in (-1, 0, 1)) / 3 + abs(modes - 100) for c, (hq, modes) in gan.items()}
+    expected["slowk"] = expected["base"]
+    assert distances == pytest.approx(expected)
+    assert chosen == "betas"
+    # a top-k row, however good, never changes the decision
+    for seed in (1, 2, 3):
+        fake_run(tmp_path, "depth4", "topk", seed, 99, 100)
+    assert sweep.decide(tmp_path, [1, 2, 3], ITER)[0] == "betas"
+
+
+def test_decision_waits_for_every_gan_cell(tmp_path):
+    for config in ("base", "spacing1", "depth4", "betas"):
+        for seed in (1, 2):
+            fake_run(tmp_path, config, "gan", seed, 90, 90)
+    chosen, distances = sweep.decide(tmp_path, [1, 2], ITER)
+    assert chosen is None and distances["all"] is None
+    proc = subprocess.run([sys.executable, str(REPO / "sweeps" / "mog_table1.py"), "--config", "chosen", "--seeds",
+                           "1", "2", "--out-dir", str(tmp_path), "--report-only"], capture_output=True, text=True)
+    assert proc.returncode == 2 and "missing: all" in assert_one_line_error(proc)
+
+
+def test_welch_matches_scipy_and_handles_constant_rows():
+    a, b = [68.0, 63.6, 70.8], [93.2, 92.0, 94.1]
+    assert float(sweep.welch(a, b)) == pytest.approx(stats.ttest_ind(a, b, equal_var=False).pvalue, abs=5e-4)
+    assert sweep.welch([100.0, 100.0], [100.0, 100.0]) == "1.000"
+    assert sweep.welch([1.0], [2.0, 3.0]) == "–"
+
+
+def test_study_report_and_picture(tmp_path):
+    rows = {("base", "gan"): [(93, 70), (92, 75)], ("base", "topk"): [(70, 95), (66, 90)],
+            ("spacing1", "gan"): [(97, 84), (96, 88)], ("spacing1", "topk"): [(91, 100), (92, 100)]}
+    for (config, variant), values in rows.items():
+        for seed, (hq, modes) in enumerate(values, start=1):
+            fake_run(tmp_path, config, variant, seed, hq, modes)
+    text = sweep.study_report(tmp_path, [1, 2], ITER)
+    assert "| base | `–` | gan | 2 | 92.5 ± 0.7 | 72.5 ± 3.5 |" in text
+    assert "| slowk | `–` | gan (= base) | 2 | 92.5 ± 0.7 |" in text
+    assert "| spacing1 | `--grid-spacing 1` | topk | 2 | 91.5 ± 0.7 | 100.0 ± 0.0 |" in text
+    p = stats.ttest_ind([70, 66], [93, 92], equal_var=False).pvalue
+    assert f"| base | -24.5 | {p:.3f} |" in text
+    assert "Chosen: – (GAN cells of the study still missing)" in text
+    assert (tmp_path / "study.md").read_text() == text
+    with Image.open(tmp_path / "study.png") as img:
+        assert img.format == "PNG" and img.size == (900, 680)
+        # the spacing1 colour appears (its markers and arrow were drawn)
+        colours = {colour for _, colour in img.convert("RGB").getcolors(maxcolors=1 << 20)}
+        assert sweep.COLOURS["spacing1"] in colours
+
+
+def test_one_real_cell_gets_its_config_flags_and_one_thread(tmp_path):
+    proc = subprocess.run([sys.executable, str(REPO / "sweeps" / "mog_table1.py"), "--config", "all", "--modes", "4",
+                           "--variants", "topk", "--seeds", "1", "--iterations", "20", "--jobs", "2", "--cores", "2",
+                           "--no-keep-checkpoints", "--out-dir", str(tmp_path), "--extra", "--hidden-dim", "8",
+                           "--batch-size", "16", "--eval-samples", "100", "--eval-every", "10", "--log-every", "10",
+                           "--mu", "12"],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    runs = list((tmp_path / "all").glob("mog4_topk__1__*"))
+    assert len(runs) == 1
+    args = json.loads((runs[0] / "args.json").read_text())
+    assert (args["grid_spacing"], args["hidden_layers"], args["beta1"], args["beta2"]) == (1.0, 4, 0.9, 0.99)
+    assert args["iters_per_epoch"] == 2000 and args["threads"] == 1 and args["topk"] is True
+    summary = json.loads((runs[0] / "summary.json").read_text())
+    assert summary["step"] == 20 and summary["threads"] == 1 and math.isfinite(summary["reverse_kl"])
+    assert "| 4 | topk | 1 (seeds 1) |" in (tmp_path / "all" / "table1.md").read_text()
