@@ -1,10 +1,18 @@
 """Run improved_gan_mnist.py over label counts × seeds (optionally also the supervised-only baseline) and print a
 markdown table of test errors, mean ± std over seeds.
 
-Each run uses `--seed S --seed-data S`, so a seed changes both the weights/noise and which digits carry labels
-(as the paper's error bars do). Runs go to `--out-dir`, one folder each; a configuration whose run folder already
-has a summary.json is skipped, so an interrupted sweep is continued by running the same command again.
-Arguments after `--` are passed to every run.
+A preset of the sweep runner `sweeps/run.py`: the runs go through run.py's engine (run_jobs). Run (label count,
+method, seed) is `improved_gan_mnist.py --num-labels N --seed-data S [--supervised-only] <arguments after --> --seed S
+--out-dir <out-dir> --exp-name mnist_{ssl|sup}_{N}[_{tag}] --device cpu|cuda`, so a seed changes both the
+weights/noise and which digits carry labels (as the paper's error bars do). Runs go to `--out-dir`, one folder each.
+As in run.py: a run whose folder has a summary.json is skipped and an interrupted one (checkpoints/last.pt) is resumed,
+so an interrupted sweep is continued by running the same command again; each run is locked while it runs
+(<out-dir>/sweep/locks/); a run folder made with other flags is an error; every run's flags are checked by the
+script's parser before anything starts; logs in <out-dir>/sweep/logs/; a failed run is reported, the others go on
+(exit status 1). `--device X` after `--` picks where the runs go (cpu, cuda = cuda:0, cuda:N; auto or none: cuda:0
+when torch sees a GPU, else cpu); `--devices cuda:0 cuda:1 ...` spreads them over several GPUs instead. Each run gets
+`--cores` // `--jobs` threads. The table groups every finished run folder in --out-dir by label count and method
+from its args.json, also runs started by hand.
 
 Examples
     # full MNIST, the paper's table (GPU):
@@ -23,16 +31,19 @@ Examples
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "improved_gan_mnist.py"
+_spec = importlib.util.spec_from_file_location("sweep_runner", Path(__file__).resolve().parent / "run.py")
+engine = sys.modules[_spec.name] = importlib.util.module_from_spec(_spec)  # sweeps/run.py, the engine of the runs
+_spec.loader.exec_module(engine)
 
 
 def parse_args():
@@ -45,6 +56,13 @@ def parse_args():
     p.add_argument("--tag", type=str, default="", help="suffix of the runs' --exp-name (e.g. topk), so that variants "
                    "sharing an --out-dir are told apart when finished runs are skipped")
     p.add_argument("--jobs", type=int, default=1, help="runs at a time")
+    p.add_argument("--cores", type=int, default=len(os.sched_getaffinity(0)),
+                   help="CPU cores shared by the runs: each gets max(1, cores // jobs) threads")
+    p.add_argument("--devices", nargs="+", default=None, metavar="DEVICE",
+                   help="cpu, or cuda:0 cuda:1 ...: each run gets the least busy of these GPUs (default: from --device "
+                        "after --, else cuda:0 when torch sees a GPU, else cpu)")
+    p.add_argument("--dry-run", action="store_true",
+                   help="print the command of every run that would start (and which are finished), run nothing")
     p.add_argument("--out-dir", type=str, default="runs/mnist_ssl", help="folder of the run folders and logs")
     p.add_argument("--at-epoch", type=int, default=None,
                    help="tabulate the test errors logged at this epoch (finished or running runs) instead of the final ones")
@@ -55,9 +73,39 @@ def parse_args():
         extra = extra[1:]
     elif extra:
         p.error(f"unknown arguments {extra}: put arguments for the runs after --")
-    if args.jobs < 1:
-        p.error("--jobs must be at least 1")
+    if args.jobs < 1 or args.cores < 1:
+        p.error("--jobs and --cores must be at least 1")
     return args, extra
+
+
+def split_device(extra: list[str]) -> tuple[str | None, list[str]]:
+    """(the value of --device in the run arguments or None, the run arguments without it): run.py sets --device."""
+    device, rest, i = None, [], 0
+    while i < len(extra):
+        if extra[i] == "--device" and i + 1 < len(extra):
+            device, i = extra[i + 1], i + 2
+        elif extra[i].startswith("--device="):
+            device, i = extra[i].split("=", 1)[1], i + 1
+        else:
+            rest.append(extra[i])
+            i += 1
+    return device, rest
+
+
+def engine_devices(devices: list[str] | None, device: str | None) -> list[str]:
+    """run.py's device list: --devices as given, else the --device after -- (cpu, cuda, cuda:N, auto)."""
+    if devices is not None:
+        if device is not None:
+            engine.fail("give either --devices or --device after --, not both")
+        return devices
+    if device in ("cpu", "cuda") or (device or "").startswith("cuda:"):
+        return ["cuda:0"] if device == "cuda" else [device]
+    if device not in (None, "auto"):
+        engine.fail(f"--device {device!r}: use auto, cpu, cuda or cuda:N")
+    # auto, as the script's own default: a GPU when torch sees one (asked in a subprocess: this process stays light)
+    probe = subprocess.run([sys.executable, "-c", "import torch; print(torch.cuda.device_count())"],
+                           capture_output=True, text=True)
+    return ["cuda:0"] if probe.returncode == 0 and probe.stdout.strip() not in ("", "0") else ["cpu"]
 
 
 def finished_runs(out_dir: Path) -> list[tuple[dict, dict]]:
@@ -86,42 +134,16 @@ def exp_name(num_labels: int, supervised: bool, tag: str = "") -> str:
     return f"mnist_{'sup' if supervised else 'ssl'}_{num_labels}" + (f"_{tag}" if tag else "")
 
 
-def run_all(args, extra) -> None:
+def run_all(args, extra) -> int:
+    """Every (label count, method, seed) through run.py's engine, `--jobs` at a time; its exit status."""
     out_dir = Path(args.out_dir)
-    (out_dir / "logs").mkdir(parents=True, exist_ok=True)
-    done = {(a["exp_name"], a["seed"]) for a, _ in finished_runs(out_dir)}
-    queue = []
-    for n in args.num_labels:
-        for supervised in ([False, True] if args.baseline else [False]):
-            for seed in args.seeds:
-                name = exp_name(n, supervised, args.tag)
-                if (name, seed) in done:
-                    print(f"skip {name} seed {seed}: finished run in {out_dir}", flush=True)
-                    continue
-                cmd = [sys.executable, str(SCRIPT), "--num-labels", str(n), "--seed", str(seed), "--seed-data", str(seed),
-                       "--out-dir", str(out_dir), "--exp-name", name] + (["--supervised-only"] if supervised else []) + extra
-                queue.append((name, seed, cmd))
-    env = dict(os.environ)
-    env.setdefault("OMP_NUM_THREADS", "1")
-    running = []
-    failed = []
-    while queue or running:
-        while queue and len(running) < args.jobs:
-            name, seed, cmd = queue.pop(0)
-            log = open(out_dir / "logs" / f"{name}__{seed}.log", "w")
-            print(f"start {name} seed {seed}: {' '.join(cmd)}", flush=True)
-            running.append((name, seed, subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO), log))
-        time.sleep(2)
-        for item in list(running):
-            name, seed, proc, log = item
-            if proc.poll() is not None:
-                log.close()
-                running.remove(item)
-                print(f"done  {name} seed {seed}: exit {proc.returncode}", flush=True)
-                if proc.returncode:
-                    failed.append(f"{name} seed {seed} (see {log.name})")
-    if failed:
-        print("failed: " + "; ".join(failed), file=sys.stderr)
+    device, extra = split_device(extra)
+    jobs = [(out_dir, exp_name(n, supervised, args.tag), seed,
+             ["--num-labels", str(n), "--seed-data", str(seed), *(["--supervised-only"] if supervised else []), *extra])
+            for n in args.num_labels for supervised in ([False, True] if args.baseline else [False])
+            for seed in args.seeds]
+    return engine.run_jobs(jobs, SCRIPT, out_dir, workers=args.jobs, cores=args.cores,
+                           devices=engine_devices(args.devices, device), print_only=args.dry_run)
 
 
 def fmt(values: list[float], digits: int) -> str:
@@ -151,10 +173,14 @@ def table(out_dir: Path, at_epoch: int | None = None) -> str:
 
 def main():
     args, extra = parse_args()
+    status = 0
     if not args.table_only:
-        run_all(args, extra)
+        status = run_all(args, extra)
+        if status == 130 or args.dry_run:
+            return status
     print(table(Path(args.out_dir), args.at_epoch))
+    return status
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -1,15 +1,22 @@
 """Reproduce Table 1 of Sinha et al. 2020 (top-k GAN on mixtures of 25 / 64 / 100 Gaussians, 50k iterations).
 
-Runs `mog_topk.py` once per (seed, modes, variant) cell as a subprocess, `--jobs` at a time (each with
-OMP_NUM_THREADS = cores / jobs), then prints and writes `<out-dir>/table1.md`: % high-quality samples,
+A preset of the sweep runner `sweeps/run.py`: it runs `mog_topk.py` once per (seed, modes, variant) cell through
+run.py's engine (run_jobs), `--jobs` at a time, then prints and writes `<out-dir>/table1.md`: % high-quality samples,
 % modes recovered and reverse KL, mean ± std over the seeds that finished, beside the paper's numbers.
+Cell (modes, variant, seed) is `mog_topk.py --n-modes M --iterations I <variant flags> <config flags>
+[--keep-checkpoints] <--extra> --seed S --out-dir <out-dir>[/<config>] --exp-name mog{M}_{variant} --device cpu
+--threads T`, so its run folder is `<out-dir>[/<config>]/mog{M}_{variant}__{S}__<unix time>/`.
 
   * Work is ordered seed-major (every cell of seed 1, then seed 2, ...), so a sweep cut short still gives a complete
     table with fewer seeds.
-  * A cell whose run folder already holds a summary.json is skipped: re-running the same command continues a sweep.
-    A cell whose run was interrupted (run folder with checkpoints/last.pt but no summary.json) is resumed from its
-    checkpoint.
-  * `--report-only` only builds the table from the run folders already in `--out-dir`.
+  * As in run.py: a cell whose run folder already holds a summary.json is skipped (re-running the same command
+    continues a sweep); an interrupted one (checkpoints/last.pt, no summary.json) is resumed from its checkpoint; a
+    cell's run is locked while it runs (<folder>/sweep/locks/), so two sweeps side by side never run it twice; a run
+    folder made with other flags is an error; every flag list is checked by mog_topk.py's own parser before anything
+    starts. Logs and the journal: <folder>/sweep/logs/, <folder>/sweep/runs.jsonl. A failed cell is reported, the
+    others go on, and the exit status is 1. The table counts a run when its summary.json has step == --iterations.
+  * `--report-only` only builds the table from the run folders already in `--out-dir`; `--dry-run` prints the
+    command of every cell that would start (with --resume where it continues) and runs nothing.
 
 Variants: gan (plain), topk (--topk), bottomk (--topk --bottomk: the analysis control of Figure 2).
 
@@ -35,16 +42,17 @@ Examples:
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import statistics
-import subprocess
 import sys
-import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+_spec = importlib.util.spec_from_file_location("sweep_runner", Path(__file__).resolve().parent / "run.py")
+engine = sys.modules[_spec.name] = importlib.util.module_from_spec(_spec)  # sweeps/run.py, the engine of the runs
+_spec.loader.exec_module(engine)
 
 # Table 1 of the paper (50k iterations): % high-quality samples and % modes recovered.
 PAPER = {
@@ -88,6 +96,8 @@ def parse_args():
     p.add_argument("--out-dir", type=str, default="runs/table1", help="parent folder of the run folders and table1.md")
     p.add_argument("--report-only", action=argparse.BooleanOptionalAction, default=False,
                    help="only build the table from existing run folders")
+    p.add_argument("--dry-run", action="store_true",
+                   help="print the command of every cell that would start (and which are finished), run nothing")
     p.add_argument("--extra", nargs=argparse.REMAINDER, default=[],
                    help="further flags passed to every mog_topk.py run (put last)")
     args = p.parse_args()
@@ -143,29 +153,12 @@ def cell_state(folder: Path, modes: int, variant: str, seed: int, iterations: in
     return "new", None
 
 
-def run_cell(out_root: Path, config: str | None, modes: int, variant: str, seed: int, args) -> str:
-    folder = cell_folder(out_root, config, variant)
-    name = f"{config + '/' if config else ''}{exp_name(modes, variant)} seed {seed}"
-    state, where = cell_state(folder, modes, variant, seed, args.iterations)
-    if state == "done":
-        return f"skip  {name}: {where / 'summary.json'} exists"
-    threads = max(1, args.cores // args.jobs)
-    cmd = [sys.executable, str(REPO / "mog_topk.py"), "--n-modes", str(modes), "--seed", str(seed),
-           "--iterations", str(args.iterations), "--out-dir", str(folder), "--exp-name", exp_name(modes, variant),
-           "--device", "cpu", "--threads", str(threads), *VARIANT_FLAGS[variant], *config_flags(config, variant),
-           *(["--keep-checkpoints"] if args.keep_checkpoints else []), *args.extra]
-    if state == "resume":
-        cmd += ["--resume", str(where)]
-    env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), CUDA_VISIBLE_DEVICES="")
-    log = folder / "logs" / f"{exp_name(modes, variant)}__{seed}.log"
-    log.parent.mkdir(parents=True, exist_ok=True)
-    t0 = time.time()
-    print(f"start {name} ({state}, {threads} thread(s)), log {log}", flush=True)
-    with open(log, "a") as f:
-        proc = subprocess.run(cmd, cwd=REPO, env=env, stdout=f, stderr=subprocess.STDOUT)
-    took = time.time() - t0
-    status = "ok" if proc.returncode == 0 else f"FAILED (exit {proc.returncode}, see {log})"
-    return f"end   {name}: {status}, {took / 60:.1f} min"
+def cell_jobs(out_root: Path, work, args) -> list[tuple]:
+    """run.py jobs (out_dir, exp_name, seed, flags) of [(config, modes, variant, seed)], in order."""
+    return [(cell_folder(out_root, config, variant), exp_name(modes, variant), seed,
+             ["--n-modes", str(modes), "--iterations", str(args.iterations), *VARIANT_FLAGS[variant],
+              *config_flags(config, variant), *(["--keep-checkpoints"] if args.keep_checkpoints else []), *args.extra])
+            for config, modes, variant, seed in work]
 
 
 def finished(out_root: Path, config: str | None, modes: int, variant: str, seeds, iterations) -> list[dict]:
@@ -407,15 +400,13 @@ def study_plot(out_root: Path, seeds, iterations, path: Path, size: tuple[int, i
     img.save(path)
 
 
-def run_all(work, out_root: Path, args, after_each) -> None:
-    """Run [(config, modes, variant, seed)] `--jobs` at a time, in order; call after_each() as each one ends."""
+def run_all(work, out_root: Path, args, after_each) -> int:
+    """Run [(config, modes, variant, seed)] through run.py's engine, `--jobs` at a time in order, one thread per job
+    (cores // jobs) on the CPU; call after_each() as each one ends. The engine's exit status."""
     print(f"{len(work)} cells, {args.jobs} at a time", flush=True)
-    with ThreadPoolExecutor(args.jobs) as pool:
-        # submit in order; a pool of `jobs` threads starts them in that order
-        futures = [pool.submit(run_cell, out_root, c, m, v, s, args) for c, m, v, s in work]
-        for future in futures:
-            print(future.result(), flush=True)
-            after_each()
+    return engine.run_jobs(cell_jobs(out_root, work, args), REPO / "mog_topk.py", out_root, workers=args.jobs,
+                           cores=args.cores, devices=["cpu"], print_only=args.dry_run,
+                           on_end=lambda run, status: after_each())
 
 
 def main():
@@ -425,10 +416,13 @@ def main():
         # GAN cells of every config first (seed-major): they alone decide the setup; then the top-k cells
         work = [(c, 25, v, s) for v in ("gan", "topk") for s in args.seeds for c in CONFIGS
                 if not (v == "gan" and cell_folder(out_root, c, v).name != c)]
+        status = 0
         if not args.report_only:
-            run_all(work, out_root, args, lambda: study_report(out_root, args.seeds, args.iterations))
+            status = run_all(work, out_root, args, lambda: study_report(out_root, args.seeds, args.iterations))
+            if status == 130 or args.dry_run:
+                return status
         print(study_report(out_root, args.seeds, args.iterations), end="")
-        return
+        return status
     config = args.config
     if config == "chosen":
         config, distances = decide(out_root, args.seeds, args.iterations)
@@ -438,13 +432,17 @@ def main():
                   f"{missing}); run --study first", file=sys.stderr)
             sys.exit(2)
         print(f"config chosen by the study's decision rule: {config}", flush=True)
+    status = 0
     if not args.report_only:
         # seed-major, so a sweep cut short still gives a complete table with fewer seeds
         work = [(config, m, v, s) for s in args.seeds for m in args.modes for v in args.variants]
-        run_all(work, out_root, args, lambda: report(out_root, config, args.modes, args.variants, args.seeds,
-                                                     args.iterations))
+        status = run_all(work, out_root, args, lambda: report(out_root, config, args.modes, args.variants, args.seeds,
+                                                              args.iterations))
+        if status == 130 or args.dry_run:
+            return status
     print(report(out_root, config, args.modes, args.variants, args.seeds, args.iterations), end="")
+    return status
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

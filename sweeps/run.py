@@ -26,6 +26,8 @@ A variant is NAME=FLAGS (FLAGS split like a shell line); `{seed}` in its flags b
   * `--report`: from the run folders alone, `<out-dir>/report.md` (a table of the script's headline metrics per
     variant: mean +- sample std and per-seed values), report.json (the same numbers, unrounded) and PNG plots of a
     metric over training (mean line, band of +-1 std over seeds), drawn with Pillow.
+  * Presets (sweeps/mog_table1.py, sweeps/mnist_ssl.py) import this file and call run_jobs() with their own list of
+    (out_dir, exp_name, seed, flags): the same engine, each run's sweep files in its own <out_dir>/sweep/.
 
 Files of the sweep itself: `<out-dir>/sweep/` (locks/, logs/<variant>__<seed>.out|.err, runs.jsonl with the exact
 command, device, start/end and exit status of every run, validated.json: flag lists the script accepted, keyed by
@@ -68,9 +70,11 @@ REPO = Path(__file__).resolve().parents[1]
 
 # Flags the runner sets for every run; variants and the flags after -- must not set them.
 RUNNER_FLAGS = ("--seed", "--out-dir", "--exp-name", "--device", "--resume")
-# args.json entries that may differ between a run folder and the sweep without making it another experiment.
+# args.json entries that may differ between a run folder and the sweep without making it another experiment (the
+# last three: how it is computed, not what; the scripts' own --resume check lets them differ too, and a default
+# that changed, e.g. --torch-deterministic, must not orphan the run folders made before).
 NOT_CONFIG = {"seed", "out_dir", "exp_name", "device", "threads", "resume", "track", "log_every", "download",
-              "git_commit", "torch_version", "command"}
+              "git_commit", "torch_version", "command", "torch_deterministic", "compile", "check_host_sync"}
 
 # Headline metrics of each script in summary.json: (label, dotted key, scale, decimals).
 HEADLINES = {
@@ -93,6 +97,8 @@ CURVES = {
     "improved_gan_cifar": [("test_error", "test error %", "test_error", "epoch", "epoch", 100),
                            ("fid", "FID", "fid", "epoch", "epoch", 1)],
 }
+# A variant name (= --exp-name, the run folders' prefix): no "__", which separates name, seed and time in a folder name.
+NAME_RE = r"[A-Za-z0-9][A-Za-z0-9.+-]*(_[A-Za-z0-9.+-]+)*"
 COLORS = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75),
           (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207)]
 
@@ -187,11 +193,15 @@ def parse_args(argv=None):
         fail("--slurm-gpus and --slurm-max-parallel must be >= 0, --slurm-cpus >= 1")
     args.devices = parse_devices(args.devices or ["cpu"])
     for name, flags in [("flags after --", args.run_flags)] + [(f"variant {v!r}", f) for v, f in args.variants.items()]:
-        for flag in RUNNER_FLAGS:
-            if any(tok == flag or tok.startswith(flag + "=") for tok in flags):
-                fail(f"{name}: {flag} is set by the runner for every run (use --seeds, --out-dir, variant names, "
-                     f"--devices; interrupted runs resume by themselves)")
+        check_runner_flags(name, flags, "use --seeds, --out-dir, variant names, --devices")
     return args
+
+
+def check_runner_flags(name: str, flags: list[str], hint: str) -> None:
+    """Refuse a flag the runner sets for every run (RUNNER_FLAGS) in `flags`."""
+    for flag in RUNNER_FLAGS:
+        if any(tok == flag or tok.startswith(flag + "=") for tok in flags):
+            fail(f"{name}: {flag} is set by the runner for every run ({hint}; interrupted runs resume by themselves)")
 
 
 def find_script(name: str) -> Path:
@@ -209,7 +219,7 @@ def parse_variants(items: list[str] | None) -> dict[str, list[str]] | None:
     variants = {}
     for item in items:
         name, _, flags = item.partition("=")
-        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9.+-]*(_[A-Za-z0-9.+-]+)*", name):
+        if not re.fullmatch(NAME_RE, name):
             fail(f"--variants {item!r}: a variant is NAME=FLAGS with NAME made of letters, digits, '.', '+', '-' "
                  "and single '_' (it becomes --exp-name and the run folder's prefix)")
         if name in variants:
@@ -242,6 +252,7 @@ class Run:
     variant: str
     seed: int
     flags: list[str]  # flags after --, then the variant's flags ({seed} filled in)
+    out_dir: str | None = None  # folder of its run folder and sweep/ files; None: the sweep's --out-dir (run_jobs sets it)
 
     @property
     def key(self) -> str:
@@ -258,9 +269,14 @@ def plan(args) -> list[Run]:
     return runs
 
 
+def folder(args, run: Run) -> str:
+    """Absolute folder of the run's run folders and of its sweep/ files (locks, logs, runs.jsonl)."""
+    return run.out_dir or args.out_abs
+
+
 def command(args, run: Run, device_kind: str, threads: int | None, resume: Path | None = None) -> list[str]:
     """The exact argv of one run. threads is None when the script has no --threads flag."""
-    cmd = [args.python, str(args.script), *run.flags, "--seed", str(run.seed), "--out-dir", args.out_abs,
+    cmd = [args.python, str(args.script), *run.flags, "--seed", str(run.seed), "--out-dir", folder(args, run),
            "--exp-name", run.variant, "--device", device_kind]
     if threads is not None:
         cmd += ["--threads", str(threads)]
@@ -375,18 +391,18 @@ def validate(args, runs: list[Run], device_kind: str) -> dict:
         fail("--threads is set by the runner (cores // workers, or --slurm-cpus)")
     # a finished or interrupted run folder must have been made with the flags this sweep asks for
     for run, want in zip(runs, resolved):
-        state, where = run_state(args.out_abs, run)
+        state, where = run_state(folder(args, run), run)
         if state == "new":
             continue
-        folder = where if state == "finished" else where.parent.parent
+        run_dir = where if state == "finished" else where.parent.parent
         try:
-            have = json.loads((folder / "args.json").read_text())
+            have = json.loads((run_dir / "args.json").read_text())
         except (OSError, ValueError):
-            fail(f"{folder}: args.json missing or unreadable; move the folder away or use another --out-dir")
+            fail(f"{run_dir}: args.json missing or unreadable; move the folder away or use another --out-dir")
         diff = sorted(k for k in want.keys() & have.keys() if k not in NOT_CONFIG and want[k] != have[k])
         if diff:
             k = diff[0]
-            fail(f"{folder} was made with --{k.replace('_', '-')} {have[k]!r}, this sweep asks for {want[k]!r} "
+            fail(f"{run_dir} was made with --{k.replace('_', '-')} {have[k]!r}, this sweep asks for {want[k]!r} "
                  f"({len(diff)} setting(s) differ): use another --out-dir or variant name")
     if key not in cache and not args.dry_run:
         cache_path.parent.mkdir(parents=True, exist_ok=True)
@@ -438,7 +454,7 @@ class Job:
 
 def start(args, run: Run, device: str, threads: int | None, tag: str) -> Job | None:
     """Take the run's lock, re-check its state under the lock, start it. None when busy elsewhere or finished."""
-    sweep = Path(args.out_abs) / "sweep"
+    sweep = Path(folder(args, run)) / "sweep"
     lock_fd = os.open(sweep / "locks" / f"{run.key}.lock", os.O_RDWR | os.O_CREAT, 0o644)
     try:
         fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -446,7 +462,7 @@ def start(args, run: Run, device: str, threads: int | None, tag: str) -> Job | N
         os.close(lock_fd)
         print(f"{tag} busy  {run.variant} seed {run.seed}: another sweep is running it", flush=True)
         return None
-    state, where = run_state(args.out_abs, run)
+    state, where = run_state(folder(args, run), run)
     if state == "finished":
         os.close(lock_fd)
         print(f"{tag} skip  {run.variant} seed {run.seed}: finished in {where}", flush=True)
@@ -465,20 +481,25 @@ def start(args, run: Run, device: str, threads: int | None, tag: str) -> Job | N
         proc = subprocess.Popen(cmd, stdout=out, stderr=err, env=env, pass_fds=(lock_fd,))
     print(f"{tag} start {run.variant} seed {run.seed} ({state}, {device}, {n_threads} thread(s)): {shlex.join(cmd)}",
           flush=True)
-    journal(args.out_abs, {"event": "start", "index": run.index, "variant": run.variant, "seed": run.seed,
-                           "state": state, "argv": cmd, "device": device, "cuda_visible_devices": env["CUDA_VISIBLE_DEVICES"],
-                           "omp_num_threads": n_threads, "pid": proc.pid, "time": time.time()})
+    journal(folder(args, run), {"event": "start", "index": run.index, "variant": run.variant, "seed": run.seed,
+                                "state": state, "argv": cmd, "device": device,
+                                "cuda_visible_devices": env["CUDA_VISIBLE_DEVICES"],
+                                "omp_num_threads": n_threads, "pid": proc.pid, "time": time.time()})
     return Job(run, proc, lock_fd, device, err_path, err_offset, time.time())
 
 
-def run_local(args, runs: list[Run], has_threads: bool) -> int:
-    sweep = Path(args.out_abs) / "sweep"
-    (sweep / "locks").mkdir(parents=True, exist_ok=True)
-    (sweep / "logs").mkdir(parents=True, exist_ok=True)
+def run_local(args, runs: list[Run], has_threads: bool, on_end=None) -> int:
+    """Run `runs` in order, args.workers at a time; on_end(run, exit status), if given, after each run that ran."""
+    sweeps = sorted({Path(folder(args, run)) / "sweep" for run in runs})
+    for sweep in sweeps:
+        (sweep / "locks").mkdir(parents=True, exist_ok=True)
+        (sweep / "logs").mkdir(parents=True, exist_ok=True)
     threads = max(1, args.cores // args.workers) if has_threads else None
     queue, running, failed, counts = list(runs), [], [], {"ran": 0, "skipped": 0}
-    print(f"sweep: {len(runs)} runs of {args.script.name} ({len(args.variants)} variants x {len(args.seeds)} seeds), "
-          f"{args.workers} at a time on {' '.join(args.devices)}; logs in {sweep / 'logs'}", flush=True)
+    n_variants, n_seeds = len({run.variant for run in runs}), len({run.seed for run in runs})
+    print(f"sweep: {len(runs)} runs of {args.script.name} ({n_variants} variants x {n_seeds} seeds), "
+          f"{args.workers} at a time on {' '.join(args.devices)}; logs in "
+          f"{' '.join(str(sweep / 'logs') for sweep in sweeps)}", flush=True)
 
     def stop(signum, frame):  # SIGTERM as Ctrl-C: stop the runs, keep their checkpoints
         raise KeyboardInterrupt
@@ -511,7 +532,9 @@ def run_local(args, runs: list[Run], has_threads: bool) -> int:
                     record["last_stderr"] = last_line(job.err_path, job.err_offset)
                     failed.append(f"{job.run.variant} seed {job.run.seed}: {status}: {record['last_stderr']}")
                     print(f"{tag} FAILED {failed[-1]} (log {job.err_path})", file=sys.stderr, flush=True)
-                journal(args.out_abs, record)
+                journal(folder(args, job.run), record)
+                if on_end is not None:
+                    on_end(job.run, rc)
     except KeyboardInterrupt:
         for job in running:
             job.proc.terminate()
@@ -531,7 +554,7 @@ def dry_run(args, runs: list[Run], has_threads: bool) -> int:
     threads = max(1, args.cores // args.workers) if has_threads else None
     kind = "cpu" if args.devices == ["cpu"] else "cuda"
     for run in runs:
-        state, where = run_state(args.out_abs, run)
+        state, where = run_state(folder(args, run), run)
         if state == "finished":
             print(f"# {run.variant} seed {run.seed}: finished in {where}")
         else:
@@ -863,6 +886,44 @@ def report(args) -> int:
     print(text, end="")
     print(f"wrote {out_dir / 'report.md'}, report.json" + "".join(f", {c['file']}" for c in result["curves"].values()))
     return 0
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The engine for presets (sweeps/mog_table1.py, sweeps/mnist_ssl.py): a list of runs, each with its own folder
+# ---------------------------------------------------------------------------------------------------------------
+def run_jobs(jobs, script, out_dir, *, workers: int = 1, cores: int | None = None, devices=("cpu",),
+             python: str | None = None, print_only: bool = False, on_end=None) -> int:
+    """Run jobs = [(out_dir, exp_name, seed, flags)] of `script` in the given order with the local mode of this
+    runner: the same validation (the script's parser on every run's flags, a run folder made with other flags is an
+    error), locks, skip/resume from the run folders, `workers` at a time on `devices` with cores // workers threads,
+    logs and runs.jsonl, and the same exit status (0, 1 when a run failed, 130 when interrupted; a user mistake: one
+    `error:` line, exit 2). Run i is `python <script> <flags> --seed S --out-dir <its out_dir> --exp-name <exp_name>
+    --device cpu|cuda [--threads T] [--resume last.pt]`; its sweep files are in <its out_dir>/sweep/, the flag
+    check's cache in <out_dir>/sweep/. print_only: print the commands (--dry-run) instead. on_end(run, exit status) is called
+    after each run that ran."""
+    args = argparse.Namespace(script=find_script(str(script)), python=python or sys.executable, out_dir=str(out_dir),
+                              out_abs=os.path.abspath(out_dir), workers=workers,
+                              cores=cores or len(os.sched_getaffinity(0)), devices=parse_devices(list(devices)),
+                              slurm=False, dry_run=print_only)
+    if args.workers < 1 or args.cores < 1:
+        fail("workers and cores must be at least 1")
+    runs, seen = [], set()
+    for job_dir, name, seed, flags in jobs:
+        run = Run(len(runs), name, int(seed), [str(tok) for tok in flags], os.path.abspath(job_dir))
+        if not re.fullmatch(NAME_RE, name):
+            fail(f"run name {name!r}: use letters, digits, '.', '+', '-' and single '_' (it is the run folder's prefix)")
+        if (run.out_dir, run.key) in seen:
+            fail(f"run {name} seed {seed} in {run.out_dir} is planned twice")
+        seen.add((run.out_dir, run.key))
+        check_runner_flags(f"run {name} seed {seed}", run.flags, "the sweep sets them")
+        runs.append(run)
+    if not runs:
+        print("sweep: nothing to run", flush=True)
+        return 0
+    checked = validate(args, runs, "cpu" if args.devices == ["cpu"] else "cuda")
+    if print_only:
+        return dry_run(args, runs, checked["threads"])
+    return run_local(args, runs, checked["threads"], on_end)
 
 
 # ---------------------------------------------------------------------------------------------------------------
