@@ -4,32 +4,47 @@ Nothing here trains anything or parses flags: each script stays readable top to 
 borrows the pieces below. Everything is plain PyTorch.
 
 Contents
-    errors      UserError, run_cli
+    errors      UserError, Interrupted, run_cli, ArgumentParser, finite_float, check_seed, check_fits,
+                parameter_count, StopRequest, interrupted
     set-up      seed_everything, pick_device, autocast, check_host_sync
     top-k       validate_topk, topk_k, select_topk
     layers      GaussianNoise, MinibatchDiscrimination, VirtualBatchNorm (+ vbn_reference_pass),
                 WNLinear, WNConv2d, WNConvTranspose2d (weight norm with data-dependent init)
     training    HistoricalAverage, EMA
-    run folder  make_run_dir, write_json, MetricsLogger, Progress
-    checkpoints save_checkpoint, load_checkpoint, check_resume_config, rng_state, set_rng_state,
-                load_optimizer_state
+    run folder  check_out_dir, make_run_dir, lock_run_dir, unlock_run_dir, write_json, MetricsLogger, Progress
+    checkpoints save_checkpoint, load_checkpoint, check_checkpoint, checkpoint_errors, nonfinite_entries,
+                check_resume_config, rng_state, set_rng_state, load_optimizer_state
     data        load_cifar10, load_mnist, fake_images, balanced_label_indices
 """
 
 from __future__ import annotations
 
+import argparse
 import copy
+import errno
 import json
 import math
 import os
 import pickle
 import random
+import re
+import shlex
+import shutil
+import signal
+import socket
 import subprocess
 import sys
 import tarfile
+import tempfile
 import time
-from contextlib import nullcontext
+import zipfile
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
+
+try:
+    import fcntl  # POSIX: the run-folder lock (lock_run_dir)
+except ImportError:  # Windows: no lock is taken
+    fcntl = None
 
 import numpy as np
 import torch
@@ -47,13 +62,202 @@ class UserError(Exception):
     """
 
 
+class Interrupted(Exception):
+    """Ctrl-C during training, raised after the run saved a checkpoint at a step boundary (see StopRequest).
+
+    `run_cli` prints its message (where the checkpoint is, the command that continues the run) as one line on
+    stderr and exits with status 130, the shell's status for SIGINT.
+    """
+
+
+def one_line(text, limit: int = 300) -> str:
+    """`text` (a message, an exception) as one line of at most `limit` characters: exception messages can be empty
+    or span lines (torch's C++ errors carry a stack), and the scripts print exactly one line per error."""
+    line = " ".join(str(text).split())
+    return line if len(line) <= limit else line[: limit - 3] + "..."
+
+
+def describe(e: BaseException) -> str:
+    """`TypeName: first words of the message` on one line (just the type name when the message is empty)."""
+    message = one_line(e, 200)
+    return f"{type(e).__name__}: {message}" if message else type(e).__name__
+
+
+# errno values of a file system that refuses a write: full, over quota, read-only, forbidden, failing hardware
+_FILESYSTEM_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG, errno.EIO}
+
+
+_OUT_OF_MEMORY = (MemoryError, getattr(torch, "OutOfMemoryError", MemoryError))
+
+
+def _is_allocation_error(e: BaseException) -> bool:
+    """True for the errors of memory that cannot be allocated (or sizes torch cannot even represent)."""
+    if isinstance(e, _OUT_OF_MEMORY):
+        return True
+    text = str(e)
+    return isinstance(e, (RuntimeError, TypeError, ValueError)) and any(
+        marker in text for marker in ("can't allocate memory", "not enough memory", "out of memory",
+                                      "Overflow when unpacking long"))
+
+
 def run_cli(main) -> None:
-    """Run `main()`; turn a `UserError` into `error: <message>` on stderr and exit status 2."""
+    """Run `main()` as a command line program, with the scripts' promise: an expected problem is one line on stderr
+    and exit status 2, never a traceback.
+
+    * `UserError` (a user mistake: flags, data, checkpoints) → `error: <message>`;
+    * memory that cannot be allocated (MemoryError, torch.OutOfMemoryError, the CPU allocator's RuntimeError, sizes
+      beyond 64 bits) → `error: out of memory: ...`; the scripts refuse the sizes they can foresee earlier
+      (check_fits), this catches the rest;
+    * a file system that refuses a write (full, over quota, read-only, forbidden: OSError with such an errno) →
+      `error: <reason>: <file>`;
+    * Ctrl-C: `Interrupted` (a checkpoint was saved) prints its resume line, a Ctrl-C elsewhere (start-up,
+      evaluation) says nothing was saved by it; both exit with status 130.
+    Any other exception is a bug and keeps its traceback.
+    """
+    def fail(message: str, status: int = 2):
+        print(message, file=sys.stderr, flush=True)
+        sys.exit(status)
+
     try:
         main()
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        fail(f"error: {one_line(e, 2000)}")
+    except Interrupted as e:
+        fail(f"interrupted: {one_line(e, 2000)}", 130)
+    except KeyboardInterrupt:
+        fail("interrupted: outside a training step, so this interruption saved nothing (checkpoints/last.pt, if "
+             "any, holds the last save)", 130)
+    except (MemoryError, RuntimeError, TypeError, ValueError) as e:
+        if not _is_allocation_error(e):
+            raise
+        if "Overflow when unpacking long" in str(e):
+            fail("error: a size or count is beyond what torch can represent (64 bits): use smaller values")
+        wanted = re.search(r"allocate (\d+) bytes", str(e))
+        size = f" (tried to allocate {_gb(int(wanted.group(1)))})" if wanted else f" ({describe(e)})"
+        fail(f"error: out of memory{size}: use smaller sizes (batch, model width, samples)")
+    except OSError as e:
+        if e.errno not in _FILESYSTEM_ERRNOS:
+            raise
+        fail(f"error: {e.strerror or describe(e)}: {e.filename or '(file unknown)'}")
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse.ArgumentParser whose own errors (a value of the wrong type, an invalid choice, an unknown flag, a
+    missing value) keep the scripts' promise: one line on stderr starting with `error:`, exit status 2. argparse
+    prints its whole usage block there instead (20-35 lines); the usage stays available with --help."""
+
+    def error(self, message):
+        self.exit(2, f"error: {one_line(message, 2000)} (see {self.prog} --help)\n")
+
+
+def finite_float(text: str) -> float:
+    """The argparse `type=` of every float flag of the scripts: a finite number. 'nan', 'inf' and '1e999' are
+    refused by the parser (one line), so no range check downstream (`lr > 0`, ...) can be passed by inf or nan."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
+    return value
+
+
+SEED_MAX = 2**32 - 1  # numpy's legacy seeding takes 0 .. 2**32 - 1
+
+
+def check_seed(flag: str, value: int) -> None:
+    """Raise UserError unless 0 <= value <= 2**32 - 1 (what seed_everything can pass to numpy)."""
+    if not 0 <= value <= SEED_MAX:
+        raise UserError(f"{flag} must be between 0 and {SEED_MAX}, got {value}")
+
+
+def _gb(n: float) -> str:
+    return f"{n / 2**30:.3g} GB" if math.isfinite(n) else "more than 2**63 bytes"
+
+
+def device_memory(device: torch.device) -> float:
+    """Total memory in bytes of `device`: the GPU's for CUDA, the machine's physical memory otherwise."""
+    if device.type == "cuda":
+        return float(torch.cuda.get_device_properties(device).total_memory)
+    try:
+        return float(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+    except (ValueError, OSError, AttributeError):  # no sysconf (Windows): nothing to compare with
+        return math.inf
+
+
+def parameter_count(build) -> float:
+    """Number of parameter and buffer elements of the module (or list of modules) `build()` returns, built on the
+    meta device: no memory is used, whatever the sizes. inf when a size is beyond what torch can represent."""
+    try:
+        with torch.device("meta"):
+            built = build()
+    except (RuntimeError, TypeError, ValueError, OverflowError, MemoryError):
+        return math.inf
+    modules = built if isinstance(built, (list, tuple)) else [built]
+    return float(sum(t.numel() for m in modules for t in [*m.parameters(), *m.buffers()]))
+
+
+def check_fits(device: torch.device, needs: dict[str, float]) -> None:
+    """Refuse, before anything is allocated or written, sizes whose memory cannot exist.
+
+    `needs` maps what a group of flags makes (the text names the flags) to its estimated size in bytes, a lower
+    bound (the largest tensors only). An entry above the device's total memory (device_memory), or all entries
+    together, is a UserError naming it. Sizes within the bound can still fail to allocate; run_cli reports those.
+    """
+    total = device_memory(device)
+    for what, size in needs.items():
+        if not size <= total:  # also inf and nan
+            raise UserError(f"{what} needs at least {_gb(size)} of memory, more than the {_gb(total)} of the "
+                            f"{device.type} device: use smaller sizes")
+    size = sum(needs.values())
+    if not size <= total:
+        raise UserError(f"together, {'; '.join(needs)} need at least {_gb(size)} of memory, more than the "
+                        f"{_gb(total)} of the {device.type} device: use smaller sizes")
+
+
+class StopRequest:
+    """Ctrl-C (SIGINT) as a request to stop at the next step boundary.
+
+    While installed, the signal only sets a flag; the training loop tests it (`if stop:`) after each step, saves a
+    checkpoint there and raises `interrupted(...)`, so the run continues exactly with --resume. A second Ctrl-C
+    interrupts at once (KeyboardInterrupt), for a step that never ends. `restore()` puts the previous handler back.
+    Signal handlers can only be installed from the main thread; elsewhere Ctrl-C keeps its default behaviour.
+    """
+
+    def __init__(self):
+        self.requested = False
+        self._previous = None
+        try:
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+        except ValueError:  # not the main thread
+            pass
+
+    def _handle(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def __bool__(self) -> bool:
+        return self.requested
+
+    def restore(self) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+            self._previous = None
+
+
+def interrupted(script: str, argv: list[str] | None, step: int, checkpoint: str | Path) -> Interrupted:
+    """The `Interrupted` to raise after Ctrl-C stopped a run at `step` and `checkpoint` was saved: its message is the
+    command that continues the run (the script's flags, `argv` or sys.argv[1:], with --resume replaced)."""
+    flags, skip = [], False
+    for token in (sys.argv[1:] if argv is None else list(argv)):
+        if skip or token == "--resume":
+            skip = not skip
+            continue
+        if not token.startswith("--resume="):
+            flags.append(str(token))
+    command = shlex.join(["python", Path(script).name, *flags, "--resume", str(checkpoint)])
+    return Interrupted(f"stopped at step {step}, checkpoint saved to {checkpoint}; continue with: {command}")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -168,14 +372,21 @@ class MinibatchDiscrimination(nn.Module):
     o(x_i)_b = Σ_{j≠i} c_b(x_i, x_j). The output is [x, o(x) + bias]. A collapsed batch (all rows equal) gives
     o ≈ B-1 per kernel, a diverse one o ≈ 0, which is what lets D see a lack of diversity.
 
-    As in openai/improved-gan's `MinibatchLayer`: T ~ N(0, 0.05²), the self-distance is excluded (j ≠ i),
-    and a learned per-kernel bias initialised at -1 is added to o.
+    Initial values as openai/improved-gan's `MinibatchLayer` (mnist_svhn_cifar10/nn.py). Its tensor is
+    W = θ · exp(log_weight_scale) / ||θ|| with θ ~ N(0, 0.05²), log_weight_scale = 0 and the L2 norm taken over the
+    inputs, separately for each of the K·D (kernel, dimension) columns: every column starts as a random Gaussian
+    direction of unit L2 norm (the 0.05 cancels). T starts the same way: N(0, 0.05²) draws, each column divided by
+    its L2 norm. The per-kernel bias starts at -1 (openai's b); the self-distance is excluded (j ≠ i; openai adds
+    1e6 to the diagonal distances, exp(-1e6) = 0). One difference: T is trained directly, not through openai's
+    (θ, log_weight_scale) weight-norm parametrisation, so the function and the initial values are the same and the
+    optimisation geometry is not. improved_gan_cifar.init_minibatch_disc adds openai's data-dependent init.
     """
 
     def __init__(self, in_features: int, kernels: int = 100, kernel_dim: int = 5):
         super().__init__()
         self.kernels, self.kernel_dim = kernels, kernel_dim
-        self.T = nn.Parameter(torch.randn(in_features, kernels * kernel_dim) * 0.05)
+        theta = torch.randn(in_features, kernels * kernel_dim) * 0.05
+        self.T = nn.Parameter(theta / theta.norm(dim=0, keepdim=True))  # unit-norm columns, as openai's W
         self.bias = nn.Parameter(torch.full((kernels,), -1.0))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -384,21 +595,33 @@ class HistoricalAverage:
 class EMA:
     """Exponential moving average of a model's parameters, for evaluation (Polyak averaging).
 
-    `ema.module` is a frozen copy; `update(model)` does θ_ema ← decay·θ_ema + (1-decay)·θ and copies buffers
-    (batch-norm statistics, weight-norm `initialized` flags) as they are. Create it after any data-dependent
-    initialisation, so the average starts from the initialised weights.
+    `ema.module` is a frozen copy; `update(model)` does θ_ema ← d·θ_ema + (1-d)·θ and copies buffers (batch-norm
+    statistics, weight-norm `initialized` flags) as they are. Create it after any data-dependent initialisation,
+    so the average starts from the initialised weights.
+
+    d is `decay`, or with `warmup` min(decay, (1 + t) / (10 + t)) for the update number t = 0, 1, 2, ...
+    (TensorFlow's ExponentialMovingAverage with num_updates): the average follows the weights closely at first
+    instead of staying near the initial weights for ~1/(1 - decay) updates, and the decay is `decay` itself from
+    t = (10·decay - 1) / (1 - decay) on (update 89,990 for 0.9999), so long runs average as without warm-up.
+    `num_updates` (t) belongs in checkpoints next to `state_dict()`.
     """
 
-    def __init__(self, model: nn.Module, decay: float):
-        self.decay = decay
+    def __init__(self, model: nn.Module, decay: float, warmup: bool = False):
+        self.decay, self.warmup, self.num_updates = decay, warmup, 0
         self.module = copy.deepcopy(model).eval().requires_grad_(False)
+
+    def current_decay(self) -> float:
+        """The decay of the next update."""
+        t = self.num_updates
+        return min(self.decay, (1.0 + t) / (10.0 + t)) if self.warmup else self.decay
 
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:
-        """θ_ema ← θ_ema + (1 - decay)(θ - θ_ema) for all parameters, buffers copied: multi-tensor kernels, not one
-        kernel launch per tensor."""
+        """θ_ema ← θ_ema + (1 - d)(θ - θ_ema) for all parameters, buffers copied: multi-tensor kernels, not one
+        kernel launch per tensor (the warm-up only changes the weight 1 - d)."""
         torch._foreach_lerp_(list(self.module.parameters()), [p.detach() for p in model.parameters()],
-                             1.0 - self.decay)
+                             1.0 - self.current_decay())
+        self.num_updates += 1
         buffers = list(self.module.buffers())
         if buffers:
             torch._foreach_copy_(buffers, list(model.buffers()))
@@ -422,34 +645,129 @@ def _git_commit() -> str | None:
         return None
 
 
+def _write_atomically(path: Path, write) -> None:
+    """Call `write(file)` on a new temporary file of a unique name in `path`'s folder, then rename it to `path`.
+
+    The name is unique (tempfile.mkstemp), so two writers of one path never share a temporary file; the rename is
+    atomic, so `path` is always the old or the new complete content. On any failure the temporary file is removed.
+    """
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        if hasattr(os, "fchmod"):
+            os.fchmod(fd, 0o644)  # mkstemp makes 0600 files; outputs are readable like any other file
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
 def write_json(path: str | Path, obj) -> None:
-    """Write `obj` as indented JSON atomically (temporary file, then rename)."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n")
-    os.replace(tmp, path)
+    """Write `obj` as indented JSON atomically (a uniquely named temporary file, then rename)."""
+    text = json.dumps(obj, indent=2, default=str) + "\n"
+    _write_atomically(Path(path), lambda f: f.write(text.encode()))
+
+
+def check_out_dir(out_dir: str | Path, exp_name: str) -> None:
+    """Refuse (UserError) an --out-dir that cannot receive run folders (a file, a path under a file, a folder
+    without write permission or on a read-only file system) and an --exp-name that is not a plain folder name.
+
+    Called before the data are loaded, so the mistake costs nothing; make_run_dir still reports what only the
+    creation reveals (e.g. /sys refuses a mkdir that access(2) allows)."""
+    if not exp_name or exp_name in (".", "..") or "/" in exp_name or os.sep in exp_name or "\0" in exp_name:
+        raise UserError(f"--exp-name must be a plain folder name (no '/'), got {exp_name!r}")
+    path = Path(out_dir)
+    try:
+        probe = path
+        while not probe.exists() and probe.parent != probe:  # the nearest folder that exists
+            probe = probe.parent
+        if not probe.is_dir():
+            raise UserError(f"--out-dir {out_dir}: {probe} is a file, not a folder")
+    except OSError as e:
+        raise UserError(f"--out-dir {out_dir}: {e.strerror or describe(e)}") from None
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise UserError(f"--out-dir {out_dir}: cannot create folders in {probe} (read-only or no permission)")
+
+
+_RUN_LOCKS: dict[Path, int] = {}  # run folder -> file descriptor holding its lock, for the life of this process
+
+
+def lock_run_dir(run_dir: str | Path) -> None:
+    """Take the lock of a run folder (flock(2) on `run_dir/run.lock`) for the life of this process, or refuse
+    with a UserError naming the holder: one writer per run folder. Two processes in one folder (a resume started
+    twice, a sweep and a user) would interleave metrics.jsonl lines and overwrite each other's checkpoints.
+
+    The lock file names its holder (pid, host, start time, command). The kernel drops the lock when the process
+    ends, however it ends (kill -9 included), so a crashed run never blocks its own resume. Taking it again in the
+    same process is a no-op (tests run several scripts in one process); `unlock_run_dir` gives it back. File
+    systems without flock (and Windows) get a warning and no lock.
+    """
+    run_dir = Path(run_dir).resolve()
+    if run_dir in _RUN_LOCKS or fcntl is None:
+        return
+    fd = os.open(run_dir / "run.lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = one_line(os.pread(fd, 2000, 0).decode(errors="replace")) or "a process that has not said who it is"
+        os.close(fd)
+        raise UserError(f"run folder {run_dir} is in use by another process ({holder}); "
+                        f"wait for it to end or stop it first") from None
+    except OSError as e:  # no locking on this file system (some network file systems)
+        os.close(fd)
+        print(f"warning: cannot lock {run_dir} ({describe(e)}); make sure no other process writes there",
+              file=sys.stderr)
+        return
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, (f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}: "
+                   f"{shlex.join([Path(sys.argv[0]).name, *sys.argv[1:]])}\n").encode(), 0)
+    _RUN_LOCKS[run_dir] = fd
+
+
+def unlock_run_dir(run_dir: str | Path) -> None:
+    """Give back the lock taken by lock_run_dir (the scripts call it when a run ends; process exit does it too)."""
+    fd = _RUN_LOCKS.pop(Path(run_dir).resolve(), None)
+    if fd is not None:
+        os.close(fd)
 
 
 def make_run_dir(args, resume_dir: str | Path | None = None) -> Path:
     """Create `out_dir/<exp_name>__<seed>__<unix time>/` with samples/ and checkpoints/, and write args.json.
 
-    args.json holds every argument plus the git commit, torch version and the full command line. With
-    `resume_dir` (the run folder of the checkpoint being resumed) that folder is reused and args.json is kept.
+    args.json holds every argument plus the git commit, torch version and the full command line. The folder is
+    created exclusively (os.mkdir, never an existing one: runs started in the same second, by one process or by
+    several at once, get `_1`, `_2`, ... suffixes) and locked (lock_run_dir) before anything is written in it.
+    With `resume_dir` (the run folder of the checkpoint being resumed) that folder is locked, reused and its
+    args.json kept. A file system that refuses (read-only, full, no permission) is a UserError.
     """
-    if resume_dir is not None:
-        run_dir = Path(resume_dir)
-    else:
-        run_dir = Path(args.out_dir) / f"{args.exp_name}__{args.seed}__{int(time.time())}"
-        n = 1
-        while run_dir.exists():  # two runs started in the same second
-            run_dir = Path(args.out_dir) / f"{args.exp_name}__{args.seed}__{int(time.time())}_{n}"
-            n += 1
-    (run_dir / "samples").mkdir(parents=True, exist_ok=True)
-    (run_dir / "checkpoints").mkdir(exist_ok=True)
-    if resume_dir is None:
-        meta = dict(vars(args), git_commit=_git_commit(), torch_version=torch.__version__,
-                    command=" ".join([Path(sys.argv[0]).name] + sys.argv[1:]))
-        write_json(run_dir / "args.json", meta)
+    try:
+        if resume_dir is not None:
+            run_dir = Path(resume_dir)
+            lock_run_dir(run_dir)
+        else:
+            out = Path(args.out_dir)
+            out.mkdir(parents=True, exist_ok=True)
+            stem, n = f"{args.exp_name}__{args.seed}__{int(time.time())}", 0
+            while True:
+                run_dir = out / (stem if n == 0 else f"{stem}_{n}")
+                try:
+                    os.mkdir(run_dir)  # atomic: exactly one process creates a given name
+                    break
+                except FileExistsError:
+                    n += 1
+            lock_run_dir(run_dir)
+        (run_dir / "samples").mkdir(exist_ok=True)
+        (run_dir / "checkpoints").mkdir(exist_ok=True)
+        if resume_dir is None:
+            meta = dict(vars(args), git_commit=_git_commit(), torch_version=torch.__version__,
+                        command=" ".join([Path(sys.argv[0]).name] + sys.argv[1:]))
+            write_json(run_dir / "args.json", meta)
+    except OSError as e:
+        raise UserError(f"cannot create the run folder in --out-dir {args.out_dir}: "
+                        f"{e.strerror or describe(e)}{f' ({e.filename})' if e.filename else ''}") from None
     return run_dir
 
 
@@ -470,20 +788,37 @@ class MetricsLogger:
             except ImportError:
                 print("warning: --track needs the tensorboard package; logging to metrics.jsonl only", file=sys.stderr)
 
-    def truncate_after(self, step: int) -> None:
-        if not self.path.exists():
+    def truncate_after(self, step: int, drop=None) -> None:
+        """Keep the records with step <= `step` and, with `drop`, those for which drop(record) is false.
+
+        A torn last line (a crash in the middle of a write) is dropped. Anything else this logger does not write (a
+        folder of that name, a line that is not a JSON object with a numeric step) is a UserError: a file someone
+        else wrote is not guessed about."""
+        if not os.path.lexists(self.path):
             return
+        if not self.path.is_file():
+            raise UserError(f"{self.path} is not a file: cannot continue the run's log")
+        try:
+            lines = self.path.read_text().splitlines()
+        except (OSError, UnicodeDecodeError) as e:
+            raise UserError(f"cannot read {self.path}: {describe(e)}") from None
         kept = []
-        for line in self.path.read_text().splitlines():
+        for i, line in enumerate(lines):
+            if not line.strip():
+                continue
             try:
                 record = json.loads(line)
-            except json.JSONDecodeError:  # a line torn by a crash mid-write: drop it
-                continue
-            if record.get("step", 0) <= step:
+            except json.JSONDecodeError:
+                if i == len(lines) - 1:  # a line torn by a crash mid-write: drop it
+                    continue
+                record = None
+            at = record.get("step", 0) if isinstance(record, dict) else None
+            if not isinstance(at, (int, float)) or isinstance(at, bool):
+                raise UserError(f"{self.path}, line {i + 1}, is not a record of these scripts ({one_line(line, 60)}): "
+                                f"fix or remove it")
+            if at <= step and not (drop is not None and drop(record)):
                 kept.append(line)
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        tmp.write_text("".join(line + "\n" for line in kept))
-        os.replace(tmp, self.path)
+        _write_atomically(self.path, lambda f: f.write("".join(line + "\n" for line in kept).encode()))
 
     def log(self, record: dict) -> None:
         with open(self.path, "a") as f:
@@ -544,26 +879,184 @@ def _fmt_seconds(s: float) -> str:
 # ----------------------------------------------------------------------------------------------------------------
 # Checkpoints
 # ----------------------------------------------------------------------------------------------------------------
+def nonfinite_entries(state) -> list[str]:
+    """Names (`G.net.0.weight`, `opt_d.state.3.exp_avg`, ...) of the floating-point tensors anywhere in `state`
+    (nested dicts, lists, tuples) that hold a NaN or an infinity; [] when all are finite. One host sync in all."""
+    names, tensors = [], []
+
+    def walk(obj, name):
+        if torch.is_tensor(obj):
+            if obj.is_floating_point() or obj.is_complex():
+                names.append(name)
+                tensors.append(obj)
+        elif isinstance(obj, dict):
+            for key, value in obj.items():
+                walk(value, f"{name}.{key}" if name else str(key))
+        elif isinstance(obj, (list, tuple)):
+            for i, value in enumerate(obj):
+                walk(value, f"{name}.{i}")
+
+    walk(state, "")
+    by_device: dict[torch.device, list[int]] = {}
+    for i, t in enumerate(tensors):
+        by_device.setdefault(t.device, []).append(i)
+    bad = []
+    for device, indices in by_device.items():  # one stacked read per device
+        finite = torch.stack([torch.isfinite(tensors[i]).all() for i in indices]).cpu().tolist()
+        bad += [i for i, ok in zip(indices, finite) if not ok]
+    return [names[i] for i in sorted(bad)]
+
+
+class _RecordingWriter:
+    """A file wrapper that keeps the OSError of a failed write: torch.save reports it as a RuntimeError without the
+    reason ("unexpected pos 704 vs 598")."""
+
+    def __init__(self, f):
+        self.f, self.error = f, None
+
+    def write(self, data):
+        try:
+            return self.f.write(data)
+        except OSError as e:
+            self.error = e
+            raise
+
+    def flush(self):
+        self.f.flush()
+
+
 def save_checkpoint(path: str | Path, state: dict) -> None:
-    """torch.save to a temporary file in the same folder, then rename: a crash never leaves a torn checkpoint."""
+    """Save `state` so that `path` is always a complete checkpoint of finite values: the new one, or the old one.
+
+    * A state with a NaN or an infinity in any floating-point tensor (weights, optimizer moments, averages) is not
+      written: UserError naming the entries and the step, and the last good checkpoint (a diverged update before a
+      save must never become the checkpoint that --resume restarts from).
+    * torch.save goes to a uniquely named temporary file in the same folder (two writers never share one),
+      is flushed to the disk (fsync), then renamed over `path` (atomic).
+    * A failed write (disk full, quota, read-only file system) removes the temporary file and raises UserError
+      with the reason; the previous checkpoint is untouched.
+    """
     path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    bad = nonfinite_entries(state)
+    if bad:
+        kept = f"the last good checkpoint is {path}" if path.is_file() else "no checkpoint was written yet"
+        raise UserError(f"non-finite values at step {state.get('step')} in {', '.join(bad[:3])}"
+                        f"{' and more' if len(bad) > 3 else ''}: stopped without saving them; {kept}")
+    writers = []
+
+    def write(f):
+        writers.append(_RecordingWriter(f))
+        torch.save(state, writers[0])
+
+    try:
+        _write_atomically(path, write)
+    except (OSError, RuntimeError) as e:
+        reason = writers[0].error if writers and writers[0].error is not None else e
+        reason = reason.strerror if isinstance(reason, OSError) and reason.strerror else describe(reason)
+        kept = "the previous checkpoint is kept" if path.is_file() else "no checkpoint was written"
+        raise UserError(f"cannot write checkpoint {path}: {reason}; {kept}") from None
+
+
+def _verify_zip(path: Path) -> None:
+    """torch.load does not check the CRC-32 that torch.save's zip format stores for every record, so a damaged
+    file can load with wrong numbers. Read every record and compare its CRC-32 (zipfile.testzip)."""
+    try:
+        with zipfile.ZipFile(path) as z:
+            damaged = z.testzip()
+    except Exception as e:  # BadZipFile, EOFError, zlib/struct errors of a truncated or foreign file
+        raise UserError(f"cannot read checkpoint {path}: not a complete checkpoint file ({describe(e)})") from None
+    if damaged is not None:
+        raise UserError(f"checkpoint {path} is damaged: its record {damaged} fails the CRC-32 check")
 
 
 def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
-    """Load a checkpoint with `weights_only=True`; missing or unreadable files raise UserError (one clear line)."""
+    """Load a checkpoint after verifying its integrity (every zip record's CRC-32), with `weights_only=True`.
+
+    Missing, empty, truncated, damaged or foreign files, an `args` that is not a dict and a `step` that is not a
+    non-negative integer raise UserError (one line). What the run needs of it is checked by check_checkpoint."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"checkpoint not found: {path}")
+    _verify_zip(path)
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # torch raises many types for corrupt files (pickle, zip, runtime)
-        raise UserError(f"cannot read checkpoint {path}: {type(e).__name__}: {str(e).splitlines()[0][:200]}") from None
-    if not isinstance(state, dict) or "args" not in state:
+        raise UserError(f"cannot read checkpoint {path}: {describe(e)}") from None
+    if not isinstance(state, dict) or not isinstance(state.get("args"), dict):
         raise UserError(f"{path} is not a checkpoint written by these scripts")
+    if "step" in state and not (type(state["step"]) is int and state["step"] >= 0):
+        raise UserError(f"checkpoint {path}: step {one_line(repr(state['step']), 60)} is not an integer >= 0")
     return state
+
+
+def _check_rng_state(state) -> None:
+    """Restore the states of rng_state() into fresh generators (nothing global changes): raises what a malformed
+    state makes python, numpy or torch raise."""
+    py_version, py_state, py_gauss = state["python"]
+    random.Random().setstate((py_version, tuple(py_state), py_gauss))
+    np_name, np_keys, np_pos, np_has_gauss, np_gauss = state["numpy"]
+    np.random.RandomState().set_state((np_name, np_keys.cpu().numpy().astype(np.uint32), np_pos, np_has_gauss,
+                                       np_gauss))
+    torch.Generator().set_state(state["torch"].cpu().to(torch.uint8))
+    for cuda_state in state.get("cuda", []):
+        if not (torch.is_tensor(cuda_state) and cuda_state.dim() == 1):
+            raise TypeError("a CUDA generator state is not a 1-d tensor")
+
+
+@contextmanager
+def checkpoint_errors(path: str | Path):
+    """Around the code that applies a checkpoint (load_state_dict, optimizer, scaler and RNG states): what a
+    malformed checkpoint makes it raise (KeyError, TypeError, ValueError, RuntimeError, ...) becomes one UserError
+    line naming the file."""
+    try:
+        yield
+    except UserError:
+        raise
+    except (KeyError, TypeError, ValueError, AttributeError, RuntimeError, IndexError) as e:
+        raise UserError(f"--resume {path}: the checkpoint does not fit this run ({describe(e)})") from None
+
+
+def check_checkpoint(path: str | Path, state: dict, modules: dict[str, nn.Module], keys: tuple[str, ...] = (),
+                     tensors: dict[str, tuple[int, ...]] | None = None, max_step: int | None = None) -> None:
+    """Refuse (UserError, one line) a loaded checkpoint that does not fit this run, before any of it is applied.
+
+    * `modules`: state[name] holds exactly that module's state_dict keys, with the same shapes;
+    * `keys`: the other entries the script reads are present; `tensors`: entries that must be tensors of that shape;
+    * state["step"]: an integer in [0, max_step];
+    * state["rng"]: restorable (tried on fresh generators);
+    * every floating-point tensor anywhere in it is finite (save_checkpoint never writes others).
+    What else the loading code trips over is reported by `checkpoint_errors` around it.
+    """
+    where = f"--resume {path}"
+    missing = [k for k in (*modules, *keys, *(tensors or {}), "step", "rng") if k not in state]
+    if missing:
+        raise UserError(f"{where}: the checkpoint has no {', '.join(missing)} (not written by this script and "
+                        f"configuration)")
+    for name, module in modules.items():
+        saved, expected = state[name], module.state_dict()
+        if not isinstance(saved, dict) or not all(torch.is_tensor(v) for v in saved.values()):
+            raise UserError(f"{where}: {name} is not a state dict of tensors")
+        if set(saved) != set(expected):
+            extra, lack = sorted(set(saved) - set(expected)), sorted(set(expected) - set(saved))
+            raise UserError(f"{where}: {name} does not match this model (missing {lack[:3]}, unexpected {extra[:3]})")
+        for key, value in expected.items():
+            if saved[key].shape != value.shape:
+                raise UserError(f"{where}: {name}.{key} has shape {tuple(saved[key].shape)}, this model "
+                                f"{tuple(value.shape)} (other sizes than the flags ask for)")
+    for name, shape in (tensors or {}).items():
+        if not torch.is_tensor(state[name]) or tuple(state[name].shape) != tuple(shape):
+            got = tuple(state[name].shape) if torch.is_tensor(state[name]) else type(state[name]).__name__
+            raise UserError(f"{where}: {name} should be a tensor of shape {tuple(shape)}, got {got}")
+    step = state["step"]
+    if not (type(step) is int and 0 <= step and (max_step is None or step <= max_step)):
+        raise UserError(f"{where}: step {one_line(repr(step), 60)} is outside 0..{max_step}")
+    try:
+        _check_rng_state(state["rng"])
+    except (KeyError, TypeError, ValueError, AttributeError, RuntimeError, IndexError) as e:
+        raise UserError(f"{where}: malformed random-generator state ({describe(e)})") from None
+    bad = nonfinite_entries(state)
+    if bad:
+        raise UserError(f"{where}: non-finite values in {', '.join(bad[:3])}{' and more' if len(bad) > 3 else ''}")
 
 
 def check_resume_config(saved_args: dict, args, allowed: tuple[str, ...] = ()) -> None:
@@ -622,6 +1115,8 @@ def load_optimizer_state(opt: torch.optim.Optimizer, state: dict) -> None:
       loads contiguous moments for channels-last parameters, and fused CUDA Adam refuses mixed layouts.
     * Puts Adam's `step` where the implementation expects it: on the parameter's device (float32) for fused or
       capturable Adam, on the CPU otherwise.
+    * Refuses (ValueError) moments whose shape is not their parameter's (Optimizer.load_state_dict accepts them and
+      the first step fails).
     """
     impl_keys = ("fused", "foreach", "capturable")
     kept = [{key: group[key] for key in impl_keys if key in group} for group in opt.param_groups]
@@ -634,6 +1129,10 @@ def load_optimizer_state(opt: torch.optim.Optimizer, state: dict) -> None:
             for name, value in list(param_state.items()):
                 if not torch.is_tensor(value):
                     continue
+                if name != "step" and value.dim() > 0 and value.shape != p.shape:
+                    # Optimizer.load_state_dict does not compare shapes; the first step would fail mid-run
+                    raise ValueError(f"optimizer state {name!r} has shape {tuple(value.shape)}, its parameter "
+                                     f"{tuple(p.shape)}")
                 if name == "step":
                     param_state[name] = value.to(device=p.device if on_device else "cpu", dtype=torch.float32)
                 elif value.shape == p.shape and value.stride() != p.stride():
@@ -674,7 +1173,34 @@ def _read_cifar_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
     labels = np.asarray(d.get("labels", d.get("fine_labels")), dtype=np.int64)
     if len(labels) != len(data):
         raise ValueError("labels and images differ in number")
+    if len(labels) and not (labels.min() >= 0 and labels.max() <= 9):
+        raise ValueError(f"labels outside 0-9 (from {labels.min()} to {labels.max()})")
     return data, labels
+
+
+def _data_dir(data_dir: str | Path) -> Path:
+    """--data-dir as a Path, refused (UserError) when it exists and is not a folder."""
+    root = Path(data_dir)
+    if root.exists() and not root.is_dir():
+        raise UserError(f"--data-dir {data_dir} is a file, not a folder")
+    return root
+
+
+@contextmanager
+def _undo_on_failure(root: Path):
+    """Remove, when the block fails, the folders it created for `root` (from its topmost new ancestor down,
+    with whatever was downloaded into them): a failed download leaves nothing behind."""
+    top = None
+    for folder in [root, *root.parents]:
+        if folder.exists():
+            break
+        top = folder
+    try:
+        yield
+    except BaseException:
+        if top is not None:
+            shutil.rmtree(top, ignore_errors=True)
+        raise
 
 
 def load_cifar10(data_dir: str | Path, train: bool = True, download: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
@@ -684,7 +1210,7 @@ def load_cifar10(data_dir: str | Path, train: bool = True, download: bool = True
     fetches and checks the official archive with torchvision's downloader (MD5-verified). Offline or corrupt →
     UserError saying where the files go.
     """
-    root = Path(data_dir)
+    root = _data_dir(data_dir)
     folder = root / "cifar-10-batches-py"
     names = _CIFAR_TRAIN if train else _CIFAR_TEST
     if not all((folder / n).is_file() for n in names):
@@ -692,8 +1218,9 @@ def load_cifar10(data_dir: str | Path, train: bool = True, download: bool = True
         if not archive.is_file() and download:
             try:
                 from torchvision.datasets.utils import download_url
-                root.mkdir(parents=True, exist_ok=True)
-                download_url(_CIFAR_URL, str(root), archive.name, _CIFAR_MD5)
+                with _undo_on_failure(root):
+                    root.mkdir(parents=True, exist_ok=True)
+                    download_url(_CIFAR_URL, str(root), archive.name, _CIFAR_MD5)
             except Exception as e:
                 archive.unlink(missing_ok=True)
                 raise UserError(
@@ -702,13 +1229,25 @@ def load_cifar10(data_dir: str | Path, train: bool = True, download: bool = True
         if not archive.is_file():
             raise UserError(f"CIFAR-10 not found in {root}: put cifar-10-python.tar.gz or its extracted "
                             f"cifar-10-batches-py/ folder there (or drop --no-download)")
+        # extracted into a temporary folder first: a truncated or wrong archive leaves no partial folder behind
+        try:
+            staging = Path(tempfile.mkdtemp(dir=root, prefix=".cifar-extract-"))
+        except OSError as e:
+            raise UserError(f"cannot extract {archive} in {root}: {e.strerror or describe(e)}") from None
         try:
             with tarfile.open(archive, "r:gz") as tar:
-                tar.extractall(root, filter="data")
-        except (tarfile.TarError, OSError, EOFError) as e:
-            raise UserError(f"cannot extract {archive}: {e}") from None
-        if not all((folder / n).is_file() for n in names):
-            raise UserError(f"{archive} does not contain the CIFAR-10 batches {names}")
+                tar.extractall(staging, filter="data")
+            if not all((staging / folder.name / n).is_file() for n in names):
+                raise UserError(f"{archive} does not contain the CIFAR-10 batches {names}")
+            if folder.exists():  # an incomplete folder from elsewhere: the archive's complete one replaces it
+                shutil.rmtree(folder)
+            os.replace(staging / folder.name, folder)
+        except UserError:
+            raise
+        except Exception as e:  # TarError, EOFError (truncated), zlib.error, OSError (disk full), ...
+            raise UserError(f"cannot extract {archive}: {describe(e)}") from None
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
     try:
         parts = [_read_cifar_batch(folder / n) for n in names]
     except Exception as e:  # a damaged pickle can raise almost anything (LookupError, OverflowError, MemoryError, ...)
@@ -726,24 +1265,36 @@ def load_mnist(data_dir: str | Path, train: bool = True, download: bool = True) 
     """
     from torchvision.datasets import MNIST
 
+    root = _data_dir(data_dir)
     try:
         ds = MNIST(str(data_dir), train=train, download=False)
     except RuntimeError as e:
         raw = Path(data_dir) / "MNIST" / "raw"
         if all((raw / f"{s}-{kind}-ubyte").is_file() for s in ("train", "t10k") for kind in ("images-idx3", "labels-idx1")):
             # the files torchvision looks for are all there, so this is a read error, not a missing dataset
-            raise UserError(f"cannot read MNIST in {raw}: {type(e).__name__}: {str(e).splitlines()[0][:200]}") from None
+            raise UserError(f"cannot read MNIST in {raw}: {describe(e)}") from None
         if not download:
             raise UserError(f"MNIST not found in {data_dir}: put the idx files (train-images-idx3-ubyte, ...) "
                             f"in {Path(data_dir) / 'MNIST' / 'raw'}") from None
         try:
-            ds = MNIST(str(data_dir), train=train, download=True)
+            with _undo_on_failure(root / "MNIST" / "raw"):
+                ds = MNIST(str(data_dir), train=train, download=True)
         except Exception as e:
             raise UserError(f"MNIST not found in {data_dir} and the download failed ({type(e).__name__}); put the "
                             f"idx files (train-images-idx3-ubyte, ...) in {Path(data_dir) / 'MNIST' / 'raw'}") from None
     except Exception as e:  # malformed idx files
-        raise UserError(f"cannot read MNIST in {data_dir}: {type(e).__name__}: {e}") from None
-    return ds.data.unsqueeze(1).contiguous(), ds.targets.long()
+        raise UserError(f"cannot read MNIST in {data_dir}: {describe(e)}") from None
+    images, labels = ds.data, ds.targets.long()
+    # torchvision reads the two idx files independently: check that they describe one data set of 28x28 digits
+    split = "training" if train else "test"
+    if images.dim() != 3 or tuple(images.shape[1:]) != (28, 28):
+        raise UserError(f"MNIST {split} images in {data_dir} are {tuple(images.shape[1:])}, not 28x28")
+    if len(labels) != len(images):
+        raise UserError(f"MNIST {split} files in {data_dir} hold {len(images)} images but {len(labels)} labels")
+    if len(labels) and not (int(labels.min()) >= 0 and int(labels.max()) <= 9):
+        raise UserError(f"MNIST {split} labels in {data_dir} go outside 0-9 "
+                        f"({int(labels.min())} to {int(labels.max())})")
+    return images.unsqueeze(1).contiguous(), labels
 
 
 def fake_images(n: int, shape: tuple[int, ...], num_classes: int = 10, seed: int = 0):

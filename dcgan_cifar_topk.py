@@ -66,15 +66,20 @@ Evaluation (every --eval-every epochs, and once at the end):
       <data-dir>/fid_stats_cifar10_train.npz (a file per --fid-weights file: the name carries its hash).
       With --dataset fake the reference is the fake training set itself (not cached): the path runs end to end,
       the numbers mean nothing.
-    - Samples come from G in eval mode (BatchNorm running statistics), so a sample does not depend on its
-      batch-mates and sampling never changes the training state; the sampling noise has its own generator.
+    - Samples come from G in eval mode (BatchNorm running statistics, the default --sample-bn running, which every
+      FID/IS number in README.md uses), so a sample does not depend on its batch-mates and sampling never changes
+      the training state; the sampling noise has its own generator. --sample-bn batch samples with the statistics
+      of each sampling batch instead (--grid-size images per grid, --fid-batch-size per FID/IS batch; StudioGAN
+      offers both), still without touching the running averages.
     - best.pt = the periodic evaluation with the lowest FID (all periodic FIDs use --fid-samples, so they are
       comparable; the final FID uses more samples and is of the last G). fid_curve.png at the end (Pillow).
 Checkpoints: checkpoints/last.pt every --save-every epochs, whenever best.pt is written, and at the end. It holds G,
 D, both Adam states, the fp16 GradScalers, the historical averages, all RNG states, the step (and the k of its
 epoch), the fixed grid noise, VBN's reference batch, the best FID and the FID history. --resume continues in the
-same run folder (metrics.jsonl is cut back to the checkpoint's step) and, on the CPU, reproduces an uninterrupted
-run exactly, also from a --max-steps stop inside an epoch (tested). --ngf/--ndf shrink the model (tests use 8).
+same run folder (metrics.jsonl is cut back to the checkpoint's step, and the "final" evaluation of a --max-steps
+stop is dropped: one run, one final record) and, on the CPU, reproduces an uninterrupted run exactly, its logged
+lines included, also from a --max-steps or Ctrl-C stop inside an epoch (the cut log window is carried in the
+checkpoint, not logged; tested). --ngf/--ndf shrink the model (tests use 8).
 Performance: no host synchronisation inside a step: losses stay on the device and are read every --log-every
 steps (and at epoch ends), where non-finite losses are also detected and named by step. images/s (real images
 trained on per second, evaluation excluded) is in the progress line and in metrics.jsonl. --amp bf16, --compile
@@ -85,6 +90,7 @@ trained on per second, evaluation excluded) is in the progress line and in metri
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import math
 import os
@@ -107,7 +113,8 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=_HelpFormatter)
+    # common.ArgumentParser: argparse's own errors are one `error:` line too (the usage is for --help)
+    p = common.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=_HelpFormatter)
     g = p.add_argument_group("experiment")
     g.add_argument("--exp-name", type=str, default=os.path.basename(__file__)[: -len(".py")],
                    help="run name prefix: the run folder is <out-dir>/<exp-name>__<seed>__<unix time>")
@@ -139,15 +146,16 @@ def parse_args(argv=None):
     g.add_argument("--nz", type=int, default=100, help="dimension of the generator's noise z")
     g.add_argument("--ngf", type=int, default=128, help="G width: channels 4*ngf, 2*ngf, ngf (DCGAN: 128)")
     g.add_argument("--ndf", type=int, default=128, help="D width: channels ndf, 2*ndf, 4*ndf (DCGAN: 128)")
-    g.add_argument("--lr-g", type=float, default=1e-4, help="Adam learning rate of G")
-    g.add_argument("--lr-d", type=float, default=4e-4, help="Adam learning rate of D")
-    g.add_argument("--beta1", type=float, default=0.5, help="Adam beta1 (DCGAN)")
-    g.add_argument("--beta2", type=float, default=0.999, help="Adam beta2")
+    g.add_argument("--lr-g", type=common.finite_float, default=1e-4, help="Adam learning rate of G")
+    g.add_argument("--lr-d", type=common.finite_float, default=4e-4, help="Adam learning rate of D")
+    g.add_argument("--beta1", type=common.finite_float, default=0.5, help="Adam beta1 (DCGAN)")
+    g.add_argument("--beta2", type=common.finite_float, default=0.999, help="Adam beta2")
     g = p.add_argument_group("top-k (Sinha et al. 2020)")
     g.add_argument("--topk", action=argparse.BooleanOptionalAction, default=False,
                    help="generator learns only from the k fakes D scores highest")
     g.add_argument("--mu", type=int, default=None, help="floor of k, in samples (default: half the batch)")
-    g.add_argument("--gamma", type=float, default=None, help="k decay per epoch: k = max(mu, floor(B*gamma^epoch)) "
+    g.add_argument("--gamma", type=common.finite_float, default=None,
+                   help="k decay per epoch: k = max(mu, floor(B*gamma^epoch)) "
                    "(default 0.99)")
     g.add_argument("--bottomk", action=argparse.BooleanOptionalAction, default=False,
                    help="keep the k lowest-scored fakes instead (analysis only; needs --topk)")
@@ -158,8 +166,9 @@ def parse_args(argv=None):
                    help="minibatch discrimination layer before D's output")
     g.add_argument("--mbd-kernels", type=int, default=None, help="minibatch-discrimination kernels (default 100)")
     g.add_argument("--mbd-dim", type=int, default=None, help="minibatch-discrimination kernel dimension (default 5)")
-    g.add_argument("--hist-avg", type=float, default=0.0, help="historical-averaging weight on G and D (0 = off)")
-    g.add_argument("--label-smoothing", type=float, default=0.0,
+    g.add_argument("--hist-avg", type=common.finite_float, default=0.0,
+                   help="historical-averaging weight on G and D (0 = off)")
+    g.add_argument("--label-smoothing", type=common.finite_float, default=0.0,
                    help="one-sided label smoothing: D's real target is 1 - this (0 = off)")
     g.add_argument("--vbn", action=argparse.BooleanOptionalAction, default=False,
                    help="virtual batch normalisation in G instead of BatchNorm")
@@ -175,6 +184,10 @@ def parse_args(argv=None):
                    "when missing)")
     g.add_argument("--fid-batch-size", type=int, default=250, help="batch size of sampling and Inception passes")
     g.add_argument("--grid-size", type=int, default=64, help="images in each fixed-noise sample grid")
+    g.add_argument("--sample-bn", choices=["running", "batch"], default="running",
+                   help="BatchNorm statistics of G when sampling (grids, FID/IS): running = the running averages "
+                   "(eval mode; every FID/IS number in README.md uses it), batch = the statistics of each sampling "
+                   "batch (--grid-size images, --fid-batch-size for FID/IS), running averages left unchanged")
     g = p.add_argument_group("performance")
     g.add_argument("--amp", type=str, default="off", help="autocast: off, bf16 or fp16 (fp16: CUDA only)")
     g.add_argument("--check-host-sync", action=argparse.BooleanOptionalAction, default=False,
@@ -199,8 +212,11 @@ def parse_args(argv=None):
 def validate_args(args) -> None:
     """Raise common.UserError (one line) for any impossible value or combination; resolve defaults."""
     E = common.UserError
+    common.check_seed("--seed", args.seed)
     if args.dataset not in ("cifar10", "fake"):
         raise E(f"--dataset must be cifar10 or fake, got {args.dataset!r}")
+    if args.vbn and args.sample_bn == "batch":
+        raise E("--sample-bn batch applies to G's BatchNorm; with --vbn G samples with its reference batch")
     if args.epochs < 1:
         raise E(f"--epochs must be at least 1, got {args.epochs}")
     if args.max_steps is not None and args.max_steps < 1:
@@ -324,6 +340,24 @@ def dcgan_init(module: nn.Module) -> None:
             nn.init.zeros_(m.bias)
 
 
+@contextlib.contextmanager
+def batch_statistics(model: nn.Module):
+    """Within the block, `model`'s BatchNorm layers normalise with the statistics of the batch they see (training
+    mode) and leave their running averages and counters unchanged (--sample-bn batch): sampling never changes the
+    training state."""
+    layers = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    saved = [(m.training, m.track_running_stats) for m in layers]
+    for m in layers:  # training mode without tracking: batch statistics, running buffers neither used nor updated
+        m.train()
+        m.track_running_stats = False
+    try:
+        yield
+    finally:
+        for m, (training, track) in zip(layers, saved):
+            m.train(training)
+            m.track_running_stats = track
+
+
 def generator_loss(d_fake: torch.Tensor, k: int, bottomk: bool = False, feat_fake: torch.Tensor | None = None,
                    feat_real: torch.Tensor | None = None) -> torch.Tensor:
     """Top-k generator loss over the whole fake batch's D outputs.
@@ -421,12 +455,31 @@ def main(argv=None):
         raise common.UserError("--amp fp16 needs a CUDA device (use --amp bf16 on CPU)")
     if args.check_host_sync and device.type != "cuda":
         raise common.UserError("--check-host-sync needs a CUDA device")
+    common.check_out_dir(args.out_dir, args.exp_name)
+    # sizes whose memory cannot exist are refused here, naming their flags (lower bounds: the largest tensors)
+    B, mbd = args.batch_size, (args.mbd_kernels * args.mbd_dim if args.minibatch_disc else 0)
+
+    def nets():  # built on the meta device by common.parameter_count: no memory
+        return [Generator(args.nz, vbn=args.vbn, ngf=args.ngf),
+                Discriminator(args.minibatch_disc, args.mbd_kernels or 100, args.mbd_dim or 5, ndf=args.ndf)]
+
+    per_image = (3 * (16 * 4 * args.ngf + 64 * 2 * args.ngf + 256 * args.ngf + 1024 * 3)  # G's activations
+                 + 3 * 3 * (256 * args.ndf + 64 * 2 * args.ndf + 16 * 4 * args.ndf))  # D's, three forwards
+    common.check_fits(device, {
+        "G and D (--ngf, --ndf, --nz, --mbd-kernels x --mbd-dim)": 4 * 4 * common.parameter_count(nets),
+        "one training step (--batch-size x the widths; minibatch discrimination: --batch-size^2 x --mbd-kernels x "
+        "--mbd-dim)": 4 * B * per_image + 4 * 3 * B ** 2 * mbd,
+        "the sample grid and the FID batches (--grid-size, --fid-batch-size)":
+            4 * args.grid_size * (args.nz + 3 * 1024)
+            + (4 * 3 * args.fid_batch_size * 3 * 299 * 299 if args.fid else 0),
+        "the fake data set (--fake-size)": 3 * 1024 * (args.fake_size or 0),
+    })
     ckpt = None
     if args.resume is not None:
         ckpt = common.load_checkpoint(args.resume)
         common.check_resume_config(ckpt["args"], args, allowed=(
             "resume", "fid", "fid_samples", "fid_samples_final", "fid_batch_size", "grid_size", "log_every",
-            "download", "channels_last"))
+            "download", "channels_last", "sample_bn"))
     common.seed_everything(args.seed, args.torch_deterministic)
 
     # ---- data: the whole training set on the device as uint8 ----
@@ -442,7 +495,7 @@ def main(argv=None):
     total_steps = args.epochs * steps_per_epoch
     if args.max_steps is not None:
         total_steps = min(total_steps, args.max_steps)
-    if ckpt is not None and ckpt["step"] > total_steps:
+    if ckpt is not None and ckpt.get("step", 0) > total_steps:
         raise common.UserError(f"--resume: the checkpoint is at step {ckpt['step']}, past the requested "
                                f"{total_steps} steps (raise --epochs or --max-steps)")
     memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
@@ -483,28 +536,41 @@ def main(argv=None):
         ref_mu, ref_sigma = metrics.reference_statistics(images, inception, cache, args.fid_batch_size, device)
     del images
 
-    # ---- resume ----
+    # ---- resume: structure, shapes, step and finiteness checked before any of the checkpoint is applied ----
     step, train_time, best = 0, 0.0, {"fid": None, "epoch": None, "step": None}
     fid_history: list[list[float]] = []  # [epoch, step, fid] of the periodic evaluations
+    pending_saved, pending_time = torch.zeros(0, 4), 0.0  # losses of a log window cut by a stop inside an epoch
     if ckpt is not None:
-        G.load_state_dict(ckpt["G"])
-        D.load_state_dict(ckpt["D"])
-        # keeps fused Adam and gives the moments the parameters' layout (resume with another --channels-last)
-        common.load_optimizer_state(opt_g, ckpt["opt_g"])
-        common.load_optimizer_state(opt_d, ckpt["opt_d"])
-        for obj, key in ((scaler_g, "scaler_g"), (scaler_d, "scaler_d"), (hist_g, "hist_g"), (hist_d, "hist_d")):
-            if obj is not None:
-                obj.load_state_dict(ckpt[key])
-        fixed_noise, z_ref = ckpt["fixed_noise"], ckpt["z_ref"]
-        step, train_time = int(ckpt["step"]), float(ckpt["train_time_s"])
-        best, fid_history = dict(ckpt["best"]), [list(r) for r in ckpt["fid_history"]]
-        common.set_rng_state(ckpt["rng"])
+        optional = [key for obj, key in ((scaler_g, "scaler_g"), (scaler_d, "scaler_d"), (hist_g, "hist_g"),
+                                         (hist_d, "hist_d")) if obj is not None]
+        common.check_checkpoint(args.resume, ckpt, {"G": G, "D": D}, max_step=total_steps,
+                                tensors={"z_ref": (B, args.nz)}, keys=("opt_g", "opt_d", "fixed_noise", "train_time_s", "best", "fid_history",
+                                      "pending", "pending_time_s", *optional))
+        with common.checkpoint_errors(args.resume):
+            G.load_state_dict(ckpt["G"])
+            D.load_state_dict(ckpt["D"])
+            # keeps fused Adam and gives the moments the parameters' layout (resume with another --channels-last)
+            common.load_optimizer_state(opt_g, ckpt["opt_g"])
+            common.load_optimizer_state(opt_d, ckpt["opt_d"])
+            for obj, key in ((scaler_g, "scaler_g"), (scaler_d, "scaler_d"), (hist_g, "hist_g"), (hist_d, "hist_d")):
+                if obj is not None:
+                    obj.load_state_dict(ckpt[key])
+            fixed_noise, z_ref = ckpt["fixed_noise"], ckpt["z_ref"]
+            if fixed_noise.dim() != 2 or fixed_noise.shape[1] != args.nz or ckpt["pending"].shape[1:] != (4,):
+                raise ValueError("fixed_noise or pending has the wrong shape")
+            step, train_time = int(ckpt["step"]), float(ckpt["train_time_s"])
+            best, fid_history = dict(ckpt["best"]), [list(r) for r in ckpt["fid_history"]]
+            pending_saved, pending_time = ckpt["pending"], float(ckpt["pending_time_s"])
+            common.set_rng_state(ckpt["rng"])
     fixed_noise, z_ref = fixed_noise.to(device), z_ref.to(device)
 
+    # the run folder, locked for this process (a second writer is refused, naming this one)
     run_dir = common.make_run_dir(args, resume_dir=Path(args.resume).parent.parent if args.resume else None)
+    ckpt_path = run_dir / "checkpoints" / "last.pt"
     logger = common.MetricsLogger(run_dir, track=args.track)
     if ckpt is not None:
-        logger.truncate_after(step)
+        # a "final" evaluation logged by a --max-steps stop is not final any more: one run, one final record
+        logger.truncate_after(step, drop=lambda record: record.get("final"))
         print(f"resumed {args.resume} at step {step} (epoch {step / steps_per_epoch:.2f})")
     print(f"run folder {run_dir} | device {device} | {n_train} training images, {steps_per_epoch} steps/epoch, "
           f"{total_steps} steps")
@@ -517,10 +583,14 @@ def main(argv=None):
         return k_at(max(0, step - 1) // steps_per_epoch)
 
     def state(step: int) -> dict:
+        """Everything --resume needs, including the losses of a log window cut by a stop inside an epoch
+        (pending, with its elapsed time), so that the resumed run logs the lines of an uninterrupted one."""
         s = {"args": vars(args), "G": G.state_dict(), "D": D.state_dict(), "opt_g": opt_g.state_dict(),
              "opt_d": opt_d.state_dict(), "rng": common.rng_state(), "step": step, "epoch": step // steps_per_epoch,
              "k": k_last(step), "fixed_noise": fixed_noise.cpu(), "z_ref": z_ref.cpu(),
-             "train_time_s": train_time, "best": best, "fid_history": fid_history}
+             "train_time_s": train_time, "best": best, "fid_history": fid_history,
+             "pending": torch.stack(pending).float().cpu() if pending else torch.zeros(0, 4),
+             "pending_time_s": time.perf_counter() - window["t"] if pending else 0.0}
         for obj, key in ((scaler_g, "scaler_g"), (scaler_d, "scaler_d"), (hist_g, "hist_g"), (hist_d, "hist_d")):
             if obj is not None:
                 s[key] = obj.state_dict()
@@ -528,7 +598,8 @@ def main(argv=None):
 
     @torch.no_grad()
     def generate(z: torch.Tensor) -> torch.Tensor:
-        """G in eval mode (BN running statistics; VBN with its reference batch) -> float32 images in [-1, 1].
+        """G in eval mode -> float32 images in [-1, 1]. BatchNorm: running statistics, or with --sample-bn batch
+        the statistics of this batch (running averages untouched); VBN: its reference batch.
 
         Always float32, also under --amp: a bf16 G output moves ~12 % of the uint8 pixels by one level, which
         would make an AMP run's FID incomparable with an fp32 run's."""
@@ -536,7 +607,8 @@ def main(argv=None):
         try:
             if args.vbn:
                 common.vbn_reference_pass(G, z_ref)
-            return G(z).float()
+            with batch_statistics(G) if args.sample_bn == "batch" else contextlib.nullcontext():
+                return G(z).float()
         finally:
             G.train()
 
@@ -565,8 +637,9 @@ def main(argv=None):
     progress = common.Progress(total_steps, start=step, every_s=10.0, unit="steps")
     real_label = torch.full((B,), 1.0 - args.label_smoothing, device=device)
     fake_label = torch.zeros(B, device=device)
-    pending: list[torch.Tensor] = []  # per-step (loss_d, loss_g, D(real), D(fake)) kept on the device
-    window = {"t": time.perf_counter()}
+    pending: list[torch.Tensor] = list(pending_saved.to(device).unbind(0))  # per-step (loss_d, loss_g, D(real),
+    # D(fake)) kept on the device until the next log line; after a resume, those of the window the stop cut
+    window = {"t": time.perf_counter() - pending_time}
     session = {"images": 0, "time": 0.0}  # this process's training throughput (summary.json)
 
     def optimise(opt, loss, scaler):
@@ -579,25 +652,31 @@ def main(argv=None):
             scaler.step(opt)
             scaler.update()
 
+    def check_pending() -> torch.Tensor:
+        """The pending per-step values (one device sync); a non-finite loss stops the run, naming its step and the
+        last good checkpoint (save_checkpoint never writes non-finite weights, so last.pt is one)."""
+        vals = torch.stack(pending).float().cpu()
+        bad = (~torch.isfinite(vals[:, :2]).all(1)).nonzero()
+        if len(bad):
+            i = int(bad[0])
+            raise common.UserError(
+                f"non-finite loss at step {step - len(vals) + i + 1} (loss_d={vals[i, 0]:.4g}, "
+                f"loss_g={vals[i, 1]:.4g}); stopped; last good checkpoint: "
+                f"{ckpt_path if ckpt_path.exists() else 'none yet'}")
+        return vals
+
     def flush(epoch: int, k: int) -> None:
         """Read the pending losses (one device sync), stop on a non-finite one, log their means."""
         nonlocal train_time
         if not pending:
             return
-        vals = torch.stack(pending).float().cpu()
+        vals = check_pending()
         n = len(pending)
         pending.clear()
         elapsed = time.perf_counter() - window["t"]
         train_time += elapsed
         session["images"] += n * B
         session["time"] += elapsed
-        bad = (~torch.isfinite(vals[:, :2]).all(1)).nonzero()
-        if len(bad):
-            i = int(bad[0])
-            last = run_dir / "checkpoints" / "last.pt"
-            raise common.UserError(
-                f"non-finite loss at step {step - n + i + 1} (loss_d={vals[i, 0]:.4g}, loss_g={vals[i, 1]:.4g}); "
-                f"stopped; last good checkpoint: {last if last.exists() else 'none yet'}")
         ips = n * B / elapsed if elapsed > 0 else float("nan")
         m = vals.mean(0)
         record = {"step": step, "epoch": epoch, "k": k, "loss_d": float(m[0]), "loss_g": float(m[1]),
@@ -609,6 +688,7 @@ def main(argv=None):
         window["t"] = time.perf_counter()
 
     sync_check_from = step + 2 if args.check_host_sync else None  # first steps: compilation, lazy CUDA init
+    stop = common.StopRequest()  # Ctrl-C: finish the step, save a checkpoint, print how to resume
     while step < total_steps:
         epoch = step // steps_per_epoch
         # ALGO LOGIC: top-k: k = max(mu, floor(B * gamma**epoch)) from the epoch counter (k = B without --topk)
@@ -675,10 +755,17 @@ def main(argv=None):
                 common.check_host_sync(False)  # logging, evaluation and checkpoints read from the device
             if step % args.log_every == 0:
                 flush(epoch, k)
+            if stop:
+                break
 
-        flush(epoch, k)
         epochs_completed = step // steps_per_epoch
-        if step % steps_per_epoch == 0:  # a completed epoch (not a --max-steps stop inside one)
+        if step % steps_per_epoch != 0:
+            # a stop inside the epoch (--max-steps, Ctrl-C): the cut log window is checked, not logged; it goes
+            # into the checkpoint, and a --resume logs the same lines as an uninterrupted run
+            if pending:
+                check_pending()
+        else:  # a completed epoch
+            flush(epoch, k)
             save = bool(args.save_every) and epochs_completed % args.save_every == 0
             if args.eval_every and epochs_completed % args.eval_every == 0:
                 record = evaluate(args.fid_samples, f"epoch_{epochs_completed:04d}", epochs_completed, k, False)
@@ -689,12 +776,18 @@ def main(argv=None):
                                 "step": step}
                         common.save_checkpoint(run_dir / "checkpoints" / "best.pt", state(step))
                         save = True  # keep last.pt at least as recent as best.pt
-            if save:
-                common.save_checkpoint(run_dir / "checkpoints" / "last.pt", state(step))
-        window["t"] = time.perf_counter()  # evaluation and checkpoint time are not training time
+            if save:  # (save_checkpoint refuses non-finite weights: a saved checkpoint is always a good one)
+                common.save_checkpoint(ckpt_path, state(step))
+            window["t"] = time.perf_counter()  # evaluation and checkpoint time are not training time
+        if stop:  # Ctrl-C: a checkpoint at this step boundary, then one line saying how to continue
+            common.save_checkpoint(ckpt_path, state(step))
+            raise common.interrupted(__file__, argv, step, ckpt_path)
+    stop.restore()
 
     # ---- end of training: checkpoint, final evaluation, summary ----
-    common.save_checkpoint(run_dir / "checkpoints" / "last.pt", state(step))
+    # a --max-steps stop inside an epoch: the cut window's time is training time (the checkpoint carries it on)
+    cut_time = time.perf_counter() - window["t"] if pending else 0.0
+    common.save_checkpoint(ckpt_path, state(step))
     final = evaluate(args.fid_samples_final, "final", step / steps_per_epoch, k_last(step), True)
     if fid_history:
         save_curve([(r[0], r[2]) for r in fid_history], run_dir / "fid_curve.png", "FID (periodic evaluations)")
@@ -702,7 +795,7 @@ def main(argv=None):
         "steps": step, "epochs": step / steps_per_epoch, "k_final": k_last(step),
         "final": {key: final[key] for key in ("fid", "is_mean", "is_std", "fid_samples")} if final else None,
         "best": best if best["fid"] is not None else None,
-        "train_time_s": train_time, "wall_time_s": time.time() - t_start,
+        "train_time_s": train_time + cut_time, "wall_time_s": time.time() - t_start,
         "images_per_s": session["images"] / session["time"] if session["time"] > 0 else None,
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "peak_memory_gb": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
@@ -710,7 +803,8 @@ def main(argv=None):
     }
     common.write_json(run_dir / "summary.json", summary)
     logger.close()
-    print(f"done: {step} steps in {common._fmt_seconds(train_time)} of training"
+    common.unlock_run_dir(run_dir)
+    print(f"done: {step} steps in {common._fmt_seconds(train_time + cut_time)} of training"
           + (f" | final FID {final['fid']:.3f}, IS {final['is_mean']:.3f}" if final else "")
           + f" | {run_dir}")
 

@@ -64,21 +64,29 @@ train_cifar_minibatch_discrimination.py and nn.py), where the paper leaves them 
     root, so `--adam-eps` defaults to 1e-4 (PyTorch's 1e-8 makes tiny-gradient parameters move much faster).
   * Test error: D's parameters averaged with decay 0.9999 per D step (official `disc_param_avg`), evaluated in
     evaluation mode (no dropout, no noise) in batches of `--batch-size` in test-set order (the minibatch layer
-    still compares each example with its batch-mates at test time, as in the official code).
+    still compares each example with its batch-mates at test time, as in the official code): `test_error`.
+    The raw D's error is measured the same way and reported beside it (`test_error_raw`, metrics.jsonl,
+    summary.json and the final line).
   * Sample grids (fixed noise, `--grid-size` 100 samples, one batch) per evaluation; IS and FID
     (metrics.evaluate_generator: pytorch-fid's Inception, `--fid-samples` samples, against the CIFAR-10
     training-set statistics cached as <data-dir>/fid_stats_cifar10_train.npz, the same file as dcgan_cifar_topk.py)
     every `--fid-every` epochs and at the end. G samples in batches of `--batch-size` (its BN uses batch
-    statistics) from a generator seeded by (seed, step), so evaluation never changes the training randomness.
+    statistics, as the official code: `--sample-bn batch`, the default, which every IS/FID number here uses;
+    `--sample-bn running` keeps running averages of the statistics during training and samples with them) from a
+    generator seeded by (seed, step), so evaluation never changes the training randomness.
   * Counting: a "step" (metrics.jsonl `step`, `--max-steps`, `--save-every`) is one training iteration = one D
     update and its `--g-steps` G updates.
 
 Departures from the official code (deliberate, none changes the model or the losses):
-  * The parameter average starts from the initialised weights (common.EMA), not from zeros; with decay 0.9999 the
-    two differ by a factor 0.9999^t (< 1 % after 50k steps = 100 epochs), i.e. only early in training.
+  * The parameter average starts from the initialised weights (common.EMA), not from zeros, and warms up
+    (`--ema-warmup`, on by default): update t uses the decay min(0.9999, (1 + t)/(10 + t)) (TensorFlow's
+    num_updates form), so a run shorter than ~10k steps reports a trained average, not the initial weights. From
+    update 89,990 on the decay is 0.9999 itself; our average and the official one then differ by a factor
+    0.9999^t of their early difference (< 1 % after 50k more steps = 100 epochs), i.e. only early in training.
   * The minibatch-discrimination tensor T is trained directly (common.MinibatchDiscrimination) instead of the
-    official weight-normalised theta * exp(log_scale) / ||theta||: the same function and the same initial values,
-    a different optimisation geometry for those 96k parameters.
+    official weight-normalised theta * exp(log_scale) / ||theta||: the same function and the same initial values
+    (each of T's K·D columns starts as a unit-norm Gaussian direction, then the data-dependent init rescales each
+    kernel), a different optimisation geometry for those 96k parameters.
   * Adam's epsilon sits outside the square root (PyTorch); 1e-4 there approximates the official 1e-8 inside it.
   * Which examples carry labels: common.balanced_label_indices(seed = --seed-data), a different draw of the same
     kind (num_labels / 10 per class, uniformly at random) than the official first-count-per-class of a permutation.
@@ -112,8 +120,9 @@ MODELS = {  # the defaults each published configuration sets (explicit flags ove
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    # common.ArgumentParser: argparse's own errors are one `error:` line too (the usage is for --help)
+    p = common.ArgumentParser(description=__doc__.split("\n\n")[0],
+                              formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     a = p.add_argument
     # run
     a("--exp-name", default=os.path.basename(__file__)[: -len(".py")], help="run name prefix")
@@ -131,7 +140,8 @@ def parse_args(argv=None):
     a("--dataset", choices=["cifar10", "fake"], default="cifar10", help="fake = random images (benchmarks)")
     a("--data-dir", default="data", help="folder holding cifar-10-batches-py/ or cifar-10-python.tar.gz")
     a("--download", action=argparse.BooleanOptionalAction, default=True, help="download CIFAR-10 when absent")
-    a("--fake-size", type=int, default=50000, help="training images of --dataset fake (test: a fifth of it)")
+    a("--fake-size", type=int, default=None,
+      help="training images of --dataset fake (test: a fifth of it); default 50000, --dataset fake only")
     a("--num-labels", type=int, default=4000, help="labeled training examples, balanced over the 10 classes")
     a("--seed-data", type=int, default=1, help="seed choosing which training examples carry labels")
     a("--supervised-only", action=argparse.BooleanOptionalAction, default=False,
@@ -147,29 +157,37 @@ def parse_args(argv=None):
       help="minibatch discrimination layer after D's global pool (default: on for minibatch-disc)")
     a("--mbd-kernels", type=int, default=None, help="minibatch discrimination kernels (default 100)")
     a("--mbd-dim", type=int, default=None, help="dimension per minibatch discrimination kernel (default 5)")
-    a("--input-dropout", type=float, default=None, help="dropout rate on D's input (default: 0.2 / 0)")
-    a("--input-noise", type=float, default=None, help="std of Gaussian noise on D's input (default: 0 / 0.2)")
+    a("--input-dropout", type=common.finite_float, default=None, help="dropout rate on D's input (default: 0.2 / 0)")
+    a("--input-noise", type=common.finite_float, default=None,
+      help="std of Gaussian noise on D's input (default: 0 / 0.2)")
     a("--g-steps", type=int, default=None, help="G updates per D update (default: 1 / 3)")
     a("--vbn", action=argparse.BooleanOptionalAction, default=False,
       help="virtual batch norm in G (fixed reference batch) instead of batch norm")
-    a("--hist-avg", type=float, default=0.0, help="historical averaging penalty weight on G and D (0 = off)")
-    a("--label-smoothing", type=float, default=0.0, help="one-sided: real target 1 - value in D's unsupervised loss")
-    a("--unlabeled-weight", type=float, default=1.0, help="weight of D's unsupervised loss")
+    a("--hist-avg", type=common.finite_float, default=0.0,
+      help="historical averaging penalty weight on G and D (0 = off)")
+    a("--label-smoothing", type=common.finite_float, default=0.0,
+      help="one-sided: real target 1 - value in D's unsupervised loss")
+    a("--unlabeled-weight", type=common.finite_float, default=1.0, help="weight of D's unsupervised loss")
     # top-k
     a("--topk", action=argparse.BooleanOptionalAction, default=False, help="top-k generator update")
     a("--mu", type=int, default=None, help="floor of k (default: half the batch)")
-    a("--gamma", type=float, default=None, help="k decay per epoch, k = max(mu, floor(B gamma^epoch)) (default 0.99)")
+    a("--gamma", type=common.finite_float, default=None,
+      help="k decay per epoch, k = max(mu, floor(B gamma^epoch)) (default 0.99)")
     a("--bottomk", action=argparse.BooleanOptionalAction, default=False,
       help="keep the k lowest-scored fakes instead (analysis only)")
     # optimisation
     a("--epochs", type=int, default=1200, help="training epochs (passes over the unlabeled set)")
     a("--max-steps", type=int, default=None, help="stop after N steps (one D update + its G updates)")
     a("--batch-size", type=int, default=100, help="labeled, unlabeled and generated images per step (each)")
-    a("--lr", type=float, default=3e-4, help="Adam learning rate of D and G")
-    a("--beta1", type=float, default=0.5, help="Adam beta1")
-    a("--adam-eps", type=float, default=1e-4, help="Adam epsilon (official sqrt(v + 1e-8) ~ 1e-4)")
+    a("--lr", type=common.finite_float, default=3e-4, help="Adam learning rate of D and G")
+    a("--beta1", type=common.finite_float, default=0.5, help="Adam beta1")
+    a("--adam-eps", type=common.finite_float, default=1e-4, help="Adam epsilon (official sqrt(v + 1e-8) ~ 1e-4)")
     a("--lr-decay-start", type=int, default=800, help="epoch from which the lr falls linearly to 0 at --epochs")
-    a("--ema-decay", type=float, default=0.9999, help="decay of the average of D's parameters used for testing")
+    a("--ema-decay", type=common.finite_float, default=0.9999,
+      help="decay of the average of D's parameters used for testing")
+    a("--ema-warmup", action=argparse.BooleanOptionalAction, default=True,
+      help="average with decay min(decay, (1+t)/(10+t)) at update t (TensorFlow's num_updates), so a short run's "
+           "average is not the initial weights; the same as without it from update 89,990 on (decay 0.9999)")
     a("--init-size", type=int, default=500, help="labeled images of D's data-dependent initialisation")
     # evaluation
     a("--eval-every", type=int, default=1, help="test error and sample grid every N epochs (and at the end)")
@@ -180,6 +198,10 @@ def parse_args(argv=None):
     a("--fid-samples", type=int, default=50000, help="generated images for IS/FID")
     a("--fid-weights", default=None, help="pytorch-fid Inception state-dict file (offline use); default: download it")
     a("--fid-batch-size", type=int, default=250, help="images per Inception forward (G samples in --batch-size chunks)")
+    a("--sample-bn", choices=["batch", "running"], default="batch",
+      help="G's batch-norm statistics when sampling (grids, IS/FID): batch = those of each sampling batch of "
+           "--batch-size (the official code's, and what every IS/FID here uses), running = running averages kept "
+           "during training (the official layer's avg_batch_mean/var, momentum 0.1, which its scripts never apply)")
     # speed
     a("--amp", choices=["off", "bf16", "fp16"], default="off", help="mixed precision autocast")
     a("--compile", action=argparse.BooleanOptionalAction, default=False, help="torch.compile D and G")
@@ -193,6 +215,15 @@ def parse_args(argv=None):
 
 def check_args(args) -> None:
     """Fill the --model defaults and reject impossible or meaningless combinations (UserError, one line)."""
+    common.check_seed("--seed", args.seed)
+    common.check_seed("--seed-data", args.seed_data)
+    if args.dataset == "fake":
+        args.fake_size = 50000 if args.fake_size is None else args.fake_size
+    elif args.fake_size is not None:
+        raise common.UserError("--fake-size only applies with --dataset fake")
+    if args.vbn and args.sample_bn == "running":
+        raise common.UserError("--sample-bn running applies to G's batch norm; with --vbn G samples with its "
+                               "reference batch")
     preset = MODELS[args.model]
     if args.supervised_only:
         meaningless = {"--topk": args.topk, "--bottomk": args.bottomk, "--mu": args.mu is not None,
@@ -248,7 +279,7 @@ def check_args(args) -> None:
         (args.lr_decay_start >= 0, f"--lr-decay-start must be >= 0, got {args.lr_decay_start}"),
         (0.0 <= args.ema_decay < 1.0, f"--ema-decay must be in [0, 1), got {args.ema_decay}"),
         (args.init_size >= 2, f"--init-size must be >= 2, got {args.init_size}"),
-        (args.fake_size >= 10, f"--fake-size must be >= 10, got {args.fake_size}"),
+        (args.fake_size is None or args.fake_size >= 10, f"--fake-size must be >= 10, got {args.fake_size}"),
         (args.fid_batch_size >= 1, f"--fid-batch-size must be >= 1, got {args.fid_batch_size}"),
         (not args.fid or args.fid_samples >= 10,
          f"--fid-samples must be >= 10 (IS uses 10 splits), got {args.fid_samples}"),
@@ -316,23 +347,35 @@ class Discriminator(nn.Module):
 
 
 class BatchNormShift(nn.Module):
-    """Batch norm with a learned shift and no scale, always with the current batch's statistics (official
-    nn.batch_norm(g=None), whose running averages are never used). (B, C) or (B, C, H, W)."""
+    """Batch norm with a learned shift and no scale, with the current batch's statistics (official
+    nn.batch_norm(g=None), whose running averages are never used). (B, C) or (B, C, H, W).
 
-    def __init__(self, num_features: int):
+    With track_running_stats (--sample-bn running) it also keeps the official layer's running averages
+    (avg_batch_mean from 0, avg_batch_var from 1; new = 0.9 old + 0.1 batch value, the variance unbiased) in every
+    training-mode forward, and normalises with them in eval mode: (x - mean) / sqrt(1e-6 + var) + shift, the official
+    deterministic=True output. Without it, eval mode is training mode (batch statistics)."""
+
+    def __init__(self, num_features: int, track_running_stats: bool = False):
         super().__init__()
         self.bias = nn.Parameter(torch.zeros(num_features))
+        if track_running_stats:
+            self.register_buffer("avg_batch_mean", torch.zeros(num_features))
+            self.register_buffer("avg_batch_var", torch.ones(num_features))
+        else:
+            self.avg_batch_mean = self.avg_batch_var = None
 
     def forward(self, x):
-        return F.batch_norm(x, None, None, None, self.bias, training=True, eps=1e-6)
+        use_batch = self.training or self.avg_batch_mean is None
+        return F.batch_norm(x, self.avg_batch_mean, self.avg_batch_var, None, self.bias, training=use_batch,
+                            momentum=0.1, eps=1e-6)
 
 
 class Generator(nn.Module):
     """z (B, 100) ~ U[0, 1) -> images (B, 3, 32, 32) in [-1, 1]."""
 
-    def __init__(self, vbn: bool = False, z_dim: int = 100):
+    def __init__(self, vbn: bool = False, z_dim: int = 100, running_stats: bool = False):
         super().__init__()
-        norm = common.VirtualBatchNorm if vbn else BatchNormShift
+        norm = common.VirtualBatchNorm if vbn else lambda n: BatchNormShift(n, track_running_stats=running_stats)
         self.fc = nn.Linear(z_dim, 4 * 4 * 512, bias=False)
         self.norm0 = norm(4 * 4 * 512)  # per unit, before the reshape, as the official code
         self.up1 = nn.ConvTranspose2d(512, 256, 5, 2, padding=2, output_padding=1, bias=False)  # 4 -> 8
@@ -387,8 +430,8 @@ def adversarial_g_loss(score_fake, kind: str) -> torch.Tensor:
 # ----------------------------------------------------------------------------------------------------------------
 # Main
 # ----------------------------------------------------------------------------------------------------------------
-def main():
-    args = parse_args()
+def main(argv=None):
+    args = parse_args(argv)
     check_args(args)
     common.seed_everything(args.seed, args.torch_deterministic)
     device = common.pick_device(args.device)
@@ -396,6 +439,24 @@ def main():
     amp()  # raises UserError now for --amp fp16 on the CPU
     if args.check_host_sync and device.type != "cuda":
         raise common.UserError("--check-host-sync needs a CUDA device")
+    common.check_out_dir(args.out_dir, args.exp_name)
+    # sizes whose memory cannot exist are refused here, naming their flags (lower bounds: the largest tensors)
+    mbd = args.mbd_kernels * args.mbd_dim if args.minibatch_disc else 0
+
+    def nets():  # built on the meta device by common.parameter_count: no memory
+        return [Discriminator(args.input_dropout, args.input_noise, args.mbd_kernels if args.minibatch_disc else 0,
+                              args.mbd_dim or 5), Generator(args.vbn, running_stats=args.sample_bn == "running")]
+
+    d_image = 2 * (96 * 1024 * 2 + 96 * 256 + 192 * 256 * 2 + 192 * 64 + 192 * 36 * 3)  # D's activations per image
+    g_image = 2 * (4 * 4 * 512 + 256 * 64 + 128 * 256 + 3 * 1024)  # G's
+    common.check_fits(device, {
+        "D and G (--mbd-kernels x --mbd-dim)": 4 * 6 * common.parameter_count(nets),  # + gradients, Adam, EMA
+        "one training step (--batch-size, --g-steps; minibatch discrimination: --batch-size^2 x --mbd-kernels x "
+        "--mbd-dim)": 4 * args.batch_size * (3 * d_image + (1 + args.g_steps) * g_image)
+                      + 4 * 3 * args.batch_size ** 2 * mbd,
+        "the FID batches (--fid-batch-size)": 4 * 3 * args.fid_batch_size * 3 * 299 * 299 if args.fid else 0,
+        "the fake data set (--fake-size)": 3 * 1024 * 2 * (args.fake_size or 0),
+    })
     resume = common.load_checkpoint(args.resume) if args.resume else None
     if resume is not None:
         common.check_resume_config(resume["args"], args, allowed=("fid", "fid_every", "fid_samples", "fid_batch_size",
@@ -445,7 +506,8 @@ def main():
     # models and optimisers
     D = Discriminator(args.input_dropout, args.input_noise, args.mbd_kernels if args.minibatch_disc else 0,
                       args.mbd_dim or 5).to(device, memory_format=memory_format)
-    G = None if args.supervised_only else Generator(args.vbn).to(device, memory_format=memory_format)
+    G = None if args.supervised_only else Generator(args.vbn, running_stats=args.sample_bn == "running").to(
+        device, memory_format=memory_format)
     z_gen = torch.Generator().manual_seed(args.seed + 7)  # fixed noise: grid samples and the VBN reference batch
     z_ref = torch.rand(batch, 100, generator=z_gen).to(device)
     z_fixed = torch.rand(args.grid_size, 100, generator=z_gen).to(device)
@@ -463,7 +525,7 @@ def main():
             D.train()(to_input(train_x[epoch_order(0)[0][: args.init_size]]), init=True)
             if G is not None:
                 generate(G.train(), noise(batch))
-    ema = common.EMA(D, args.ema_decay)
+    ema = common.EMA(D, args.ema_decay, warmup=args.ema_warmup)  # warm-up: a short run's average follows D
     d_params = [p for p in D.parameters() if p.requires_grad]
     fused = device.type == "cuda"  # one multi-tensor kernel, and GradScaler.step without a host sync under fp16
     opt_d = torch.optim.Adam(d_params, lr=args.lr, betas=(args.beta1, 0.999), eps=args.adam_eps, fused=fused)
@@ -477,23 +539,31 @@ def main():
     D_fwd = torch.compile(D) if args.compile else D
     G_fwd = torch.compile(G) if args.compile and G is not None else G
 
-    # resume
+    # resume: structure, shapes, step and finiteness checked before any of the checkpoint is applied
     step, sums = 0, torch.zeros(5, device=device)  # per-epoch sums: loss_lab, loss_unl, loss_gen, train_err, steps
     if resume is not None:
-        D.load_state_dict(resume["D"])
-        common.load_optimizer_state(opt_d, resume["opt_d"])
-        ema.load_state_dict(resume["ema"])
-        scaler_d.load_state_dict(resume["scaler_d"])
-        if hist_d is not None:
-            hist_d.load_state_dict(resume["hist_d"])
-        if G is not None:
-            G.load_state_dict(resume["G"])
-            common.load_optimizer_state(opt_g, resume["opt_g"])
-            scaler_g.load_state_dict(resume["scaler_g"])
-            if hist_g is not None:
-                hist_g.load_state_dict(resume["hist_g"])
-        step, sums = int(resume["step"]), resume["sums"].to(device)
-        common.set_rng_state(resume["rng"])
+        common.check_checkpoint(args.resume, resume, {"D": D, "ema": ema.module, **({"G": G} if G is not None else {})},
+                                keys=("opt_d", "scaler_d", "ema_updates") + (("hist_d",) if hist_d is not None else ())
+                                + (("opt_g", "scaler_g") if G is not None else ())
+                                + (("hist_g",) if G is not None and hist_g is not None else ()),
+                                tensors={"sums": (5,)}, max_step=total_steps)
+        with common.checkpoint_errors(args.resume):
+            D.load_state_dict(resume["D"])
+            common.load_optimizer_state(opt_d, resume["opt_d"])
+            ema.load_state_dict(resume["ema"])
+            ema.num_updates = int(resume["ema_updates"])
+            scaler_d.load_state_dict(resume["scaler_d"])
+            if hist_d is not None:
+                hist_d.load_state_dict(resume["hist_d"])
+            if G is not None:
+                G.load_state_dict(resume["G"])
+                common.load_optimizer_state(opt_g, resume["opt_g"])
+                scaler_g.load_state_dict(resume["scaler_g"])
+                if hist_g is not None:
+                    hist_g.load_state_dict(resume["hist_g"])
+            step, sums = int(resume["step"]), resume["sums"].to(device)
+            common.set_rng_state(resume["rng"])
+    # the run folder, locked for this process (a second writer is refused, naming this one)
     run_dir = common.make_run_dir(args, resume_dir=Path(args.resume).parent.parent if resume is not None else None)
     logger = common.MetricsLogger(run_dir, track=args.track)
     logger.truncate_after(step)
@@ -504,6 +574,7 @@ def main():
     def save():
         state = {"args": vars(args), "step": step, "epoch": step // steps_per_epoch, "k": k, "sums": sums,
                  "D": D.state_dict(), "opt_d": opt_d.state_dict(), "ema": ema.state_dict(),
+                 "ema_updates": ema.num_updates,
                  "scaler_d": scaler_d.state_dict(), "rng": common.rng_state()}
         if hist_d is not None:
             state["hist_d"] = hist_d.state_dict()
@@ -511,7 +582,7 @@ def main():
             state.update(G=G.state_dict(), opt_g=opt_g.state_dict(), scaler_g=scaler_g.state_dict())
             if hist_g is not None:
                 state["hist_g"] = hist_g.state_dict()
-        common.save_checkpoint(ckpt_path, state)
+        common.save_checkpoint(ckpt_path, state)  # refuses non-finite weights: a saved checkpoint is a good one
 
     first_bad = torch.full((), -1, dtype=torch.long, device=device)  # first step (1-based) with a non-finite loss
 
@@ -524,8 +595,9 @@ def main():
 
     @torch.no_grad()
     def sample(n, generator=None):
-        """n images from G in batches of --batch-size (G's batch norm uses batch statistics), in float32 also
-        under --amp, so that an AMP run's FID is comparable with an fp32 run's."""
+        """n images from G in batches of --batch-size (G's batch norm: batch statistics, or the running averages
+        with --sample-bn running), in float32 also under --amp, so that an AMP run's FID is comparable with an
+        fp32 run's."""
         out = []
         for i in range(0, n, batch):
             z = torch.rand(min(batch, n - i), 100, device=device, generator=generator)
@@ -533,15 +605,24 @@ def main():
         return torch.cat(out)
 
     @torch.no_grad()
-    def evaluate(with_fid: bool) -> dict:
-        model = ema.module.eval()
+    def test_error(model) -> float:
+        """Error of `model` in eval mode (no dropout, no noise) on the test set, in batches of --batch-size."""
+        was_training = model.training
+        model.eval()
         wrong = torch.zeros((), dtype=torch.long, device=device)  # summed on the device, read once
         for i in range(0, len(test_x), batch):
             with amp():
                 logits, _ = model(to_input(test_x[i: i + batch]))
             wrong += (logits.argmax(1) != test_y[i: i + batch]).sum()
-        result = {"test_error": int(wrong) / len(test_x)}
+        model.train(was_training)
+        return int(wrong) / len(test_x)
+
+    @torch.no_grad()
+    def evaluate(with_fid: bool) -> dict:
+        # the average of D (official disc_param_avg) and, side by side, the raw D
+        result = {"test_error": test_error(ema.module), "test_error_raw": test_error(D)}
         if G is not None:
+            G.train(args.sample_bn == "batch")  # eval mode: the running averages of --sample-bn running
             grid = generate(G, z_fixed).float()
             from torchvision.utils import save_image
             save_image(grid * 0.5 + 0.5, run_dir / "samples" / f"step_{step:08d}.png",
@@ -551,6 +632,8 @@ def main():
             scores = metrics.evaluate_generator(lambda n: sample(n, eval_gen), args.fid_samples, ref_stats[0],
                                                 ref_stats[1], inception, batch_size=args.fid_batch_size, device=device)
             result.update(fid=scores["fid"], is_mean=scores["is_mean"], is_std=scores["is_std"])
+        if G is not None:
+            G.train()
         return result
 
     progress = common.Progress(total_steps, start=step)
@@ -558,6 +641,7 @@ def main():
     k = batch
     lab_stream = unl_stream = unl2_stream = None
     sync_check_from = step + 2 if args.check_host_sync else None  # first steps: compilation, lazy CUDA init
+    stop = common.StopRequest()  # Ctrl-C: finish the step, save a checkpoint, print how to resume
     while step < total_steps:
         epoch, t = divmod(step, steps_per_epoch)
         if lab_stream is None or t == 0:
@@ -657,9 +741,12 @@ def main():
             logger.log(record)
             if epoch_end:
                 sums.zero_()
-        if step == total_steps or (args.save_every and step % args.save_every == 0):
+        if step == total_steps or (args.save_every and step % args.save_every == 0) or stop:
             check_finite()
             save()
+        if stop:  # Ctrl-C: checkpoint saved at this step boundary (with the epoch's sums); say how to continue
+            raise common.interrupted(__file__, argv, step, ckpt_path)
+    stop.restore()
 
     if last_eval != step:  # resumed at the end of a finished run: evaluate what is there
         last_result = evaluate(args.fid)
@@ -669,6 +756,8 @@ def main():
                "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"}
     common.write_json(run_dir / "summary.json", summary)
     logger.close()
+    common.unlock_run_dir(run_dir)
+    # test_error is the averaged D's (the paper's number), test_error_raw the raw D's, side by side
     print("final: " + " ".join(f"{key}={v:.4g}" if isinstance(v, float) else f"{key}={v}"
                                for key, v in last_result.items()), flush=True)
 

@@ -52,10 +52,13 @@ Details, following openai/improved-gan `mnist_svhn_cifar10/train_mnist_feature_m
   on the 5k subset: sqrt(v̂) < 1e-4 for ~90% of G's second-layer weights, while D's are almost all above 1e-4).
 - Test-time parameter averaging: the official MNIST script evaluates with an average of D's trainable parameters
   updated after every D step, avg ← avg + 0.0001 (θ - avg), i.e. an EMA with decay 0.9999 (`--ema-decay`).
-  Departure: ours starts from the initialised weights instead of from zeros (the official zero start shrinks the
-  average for the first ~10^4 steps and is equivalent afterwards). 0.9999 is a time constant of 10,000 steps,
-  about 17 epochs of full MNIST; on a much shorter run (e.g. the 4,000-digit subset, 40 steps per epoch) use a
-  smaller decay such as 0.999. The raw D's test error is logged next to the EMA's.
+  Departures: ours starts from the initialised weights instead of from zeros (the official zero start shrinks the
+  average for the first ~10^4 steps and is equivalent afterwards), and it warms up (`--ema-warmup`, on by default):
+  update t uses the decay min(0.9999, (1 + t)/(10 + t)) (TensorFlow's ExponentialMovingAverage num_updates form),
+  so a run shorter than the time constant of 10,000 steps (about 17 epochs of full MNIST; 250 epochs of the
+  4,000-digit subset) reports a trained D instead of the initial weights (measured without it: 82 % error after
+  20 epochs on 4,000 digits, raw D ~20 %); from update 89,990 on the decay is 0.9999 itself, so long runs average
+  as the official code. The raw D's test error is logged and summarised next to the EMA's.
 - Top-k (`--topk`): the D update is unchanged; in the G update every fake of the batch is scored with D's
   realness logit lse(l) = log Z = logit of D(x) = Z/(Z+1) (higher = more real), and only the k highest-scored
   fakes enter G's loss: with feature matching the fake mean is the mean over those k; with
@@ -94,7 +97,9 @@ Z_DIM = 100
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    # common.ArgumentParser: argparse's own errors are one `error:` line too (the usage is for --help)
+    p = common.ArgumentParser(description=__doc__.split("\n\n")[0],
+                              formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     # run
     p.add_argument("--exp-name", type=str, default=Path(__file__).stem, help="run folder prefix")
     p.add_argument("--seed", type=int, default=1, help="seed of python, numpy, torch (weights, noise, data order)")
@@ -125,13 +130,18 @@ def parse_args(argv=None):
     p.add_argument("--epochs", type=int, default=300, help="epochs of floor(N_train / batch) steps")
     p.add_argument("--max-steps", type=int, default=None, help="stop after this many steps (smoke runs, benchmarks)")
     p.add_argument("--batch-size", type=int, default=100, help="size of each of the labeled, unlabeled and fake batches")
-    p.add_argument("--lr", type=float, default=0.003, help="Adam learning rate of G and D (constant)")
-    p.add_argument("--beta1", type=float, default=0.5, help="Adam beta1")
-    p.add_argument("--beta2", type=float, default=0.999, help="Adam beta2")
-    p.add_argument("--adam-eps", type=float, default=1e-4,
+    p.add_argument("--lr", type=common.finite_float, default=0.003, help="Adam learning rate of G and D (constant)")
+    p.add_argument("--beta1", type=common.finite_float, default=0.5, help="Adam beta1")
+    p.add_argument("--beta2", type=common.finite_float, default=0.999, help="Adam beta2")
+    p.add_argument("--adam-eps", type=common.finite_float, default=1e-4,
                    help="Adam epsilon, added to sqrt(v) (1e-4 ≈ the official 1e-8 inside the square root)")
-    p.add_argument("--unlabeled-weight", type=float, default=1.0, help="weight w of the unlabeled K+1 loss in D's loss")
-    p.add_argument("--ema-decay", type=float, default=0.9999, help="decay of the EMA of D's weights used for the test error")
+    p.add_argument("--unlabeled-weight", type=common.finite_float, default=1.0,
+                   help="weight w of the unlabeled K+1 loss in D's loss")
+    p.add_argument("--ema-decay", type=common.finite_float, default=0.9999,
+                   help="decay of the EMA of D's weights used for the test error")
+    p.add_argument("--ema-warmup", action=argparse.BooleanOptionalAction, default=True,
+                   help="EMA decay min(decay, (1+t)/(10+t)) at update t (TensorFlow's num_updates), so a short run's "
+                        "EMA is not the initial weights; the same as without it from update 89,990 on (decay 0.9999)")
     p.add_argument("--init-size", type=int, default=500, help="training digits in the data-dependent init batch")
     p.add_argument("--amp", choices=["off", "bf16", "fp16"], default="off", help="mixed precision (fp16: CUDA only)")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False, help="torch.compile G and D")
@@ -142,7 +152,8 @@ def parse_args(argv=None):
     p.add_argument("--topk", action=argparse.BooleanOptionalAction, default=False,
                    help="G learns from the k fakes with the highest realness logit logsumexp(l) only")
     p.add_argument("--mu", type=int, default=None, help="floor of k, in samples (default: half the batch); --topk only")
-    p.add_argument("--gamma", type=float, default=None, help="k decay per epoch: k = max(mu, floor(B gamma^epoch)) "
+    p.add_argument("--gamma", type=common.finite_float, default=None,
+                   help="k decay per epoch: k = max(mu, floor(B gamma^epoch)) "
                    "(default 0.99); --topk only")
     p.add_argument("--bottomk", action=argparse.BooleanOptionalAction, default=False,
                    help="keep the k LOWEST-scored fakes instead (analysis only); needs --topk")
@@ -153,8 +164,9 @@ def parse_args(argv=None):
                    help="minibatch-discrimination layer before D's output layer")
     p.add_argument("--mbd-kernels", type=int, default=None, help="minibatch-discrimination kernels (default 100)")
     p.add_argument("--mbd-dim", type=int, default=None, help="minibatch-discrimination kernel dimension (default 5)")
-    p.add_argument("--hist-avg", type=float, default=0.0, help="historical-averaging penalty weight on G and D (0 = off)")
-    p.add_argument("--label-smoothing", type=float, default=0.0,
+    p.add_argument("--hist-avg", type=common.finite_float, default=0.0,
+                   help="historical-averaging penalty weight on G and D (0 = off)")
+    p.add_argument("--label-smoothing", type=common.finite_float, default=0.0,
                    help="one-sided: target of real unlabeled digits is 1 - value in the K+1 loss (0 = off)")
     p.add_argument("--vbn", action=argparse.BooleanOptionalAction, default=False,
                    help="virtual batch norm in G instead of batch norm (fixed reference batch)")
@@ -166,6 +178,8 @@ def parse_args(argv=None):
 def validate_args(args) -> None:
     """Raise common.UserError for impossible values and flags that make no sense together; resolve defaults."""
     E = common.UserError
+    common.check_seed("--seed", args.seed)
+    common.check_seed("--seed-data", args.seed_data)
     positive = {"epochs": args.epochs, "batch-size": args.batch_size, "eval-every": args.eval_every,
                 "save-every": args.save_every, "init-size": args.init_size}
     for name, value in positive.items():
@@ -349,6 +363,19 @@ def main(argv=None):
     common.autocast(device, args.amp)  # rejects --amp fp16 on the CPU before anything is written
     if args.check_host_sync and device.type != "cuda":
         raise common.UserError("--check-host-sync needs a CUDA device")
+    common.check_out_dir(args.out_dir, args.exp_name)
+    # sizes whose memory cannot exist are refused here, naming their flags (lower bounds: the largest tensors)
+    mbd = args.mbd_kernels * args.mbd_dim if args.minibatch_disc else 0
+
+    def nets():  # built on the meta device by common.parameter_count: no memory
+        return [Discriminator(args.minibatch_disc, args.mbd_kernels, args.mbd_dim), Generator(args.vbn)]
+
+    common.check_fits(device, {
+        "D and G (--mbd-kernels x --mbd-dim)": 4 * 5 * common.parameter_count(nets),  # + gradients, Adam, EMA
+        "one training step (--batch-size; minibatch discrimination: --batch-size^2 x --mbd-kernels x --mbd-dim)":
+            4 * 4 * args.batch_size * (784 + 1000 + 500 + 3 * 250) + 4 * 3 * args.batch_size ** 2 * mbd,
+        "the fake data set (--fake-size)": 4 * 784 * 2 * (args.fake_size or 0),
+    })
     resume_state = None
     if args.resume:
         resume_state = common.load_checkpoint(args.resume)
@@ -369,13 +396,6 @@ def main(argv=None):
     if args.max_steps is not None:
         total_steps = min(total_steps, args.max_steps)
 
-    run_dir = common.make_run_dir(args, resume_dir=Path(args.resume).parent.parent if args.resume else None)
-    logger = common.MetricsLogger(run_dir, track=args.track)
-    if resume_state is None:  # which training digits carry labels, so the split can be reused elsewhere
-        common.write_json(run_dir / "labeled_indices.json", {"seed_data": args.seed_data, "indices": lab_idx.tolist()})
-    print(f"run folder {run_dir} | device {device} | {n_train} train / {len(x_test)} test digits | "
-          f"{args.num_labels} labels | {steps_per_epoch} steps per epoch", flush=True)
-
     # models and optimisers
     D = Discriminator(args.minibatch_disc, args.mbd_kernels, args.mbd_dim).to(device)
     G = None if args.supervised_only else Generator(args.vbn).to(device)
@@ -391,7 +411,8 @@ def main(argv=None):
     d_params = [p for p in D.parameters() if p.requires_grad]
     fused = device.type == "cuda"  # one multi-tensor kernel, and GradScaler.step without a host sync under fp16
     opt_d = torch.optim.Adam(d_params, lr=args.lr, betas=(args.beta1, args.beta2), eps=args.adam_eps, fused=fused)
-    ema = common.EMA(D, args.ema_decay)  # after the init, so the average starts from the initialised weights
+    # after the init, so the average starts from the initialised weights; the warm-up lets it follow D early on
+    ema = common.EMA(D, args.ema_decay, warmup=args.ema_warmup)
     scaler_d = torch.amp.GradScaler(device.type, enabled=args.amp == "fp16")
     hist_d = common.HistoricalAverage(D) if args.hist_avg > 0 else None
     if G is not None:
@@ -416,33 +437,54 @@ def main(argv=None):
             return [d_fwd(x)[0] for x in xs]
         return d_fwd(torch.cat(xs))[0].split([len(x) for x in xs])
 
-    # resume
+    # resume: structure, shapes, step and finiteness checked before any of the checkpoint is applied
     step, epoch, start_batch, train_time = 0, 0, 0, 0.0
     step_losses = torch.zeros(steps_per_epoch, 4, device=device)  # loss_lab, loss_unl, loss_gen, train_err
     if resume_state is not None:
         s = resume_state
-        D.load_state_dict(s["D"]), common.load_optimizer_state(opt_d, s["opt_d"]), ema.load_state_dict(s["ema"])
-        scaler_d.load_state_dict(s["scaler_d"])
-        if G is not None:
-            G.load_state_dict(s["G"]), common.load_optimizer_state(opt_g, s["opt_g"])
-            scaler_g.load_state_dict(s["scaler_g"])
-        if hist_d is not None:
-            hist_d.load_state_dict(s["hist_d"]), hist_g.load_state_dict(s["hist_g"])
-        step, epoch, start_batch, train_time = s["step"], s["epoch"], s["batch_in_epoch"], s["train_time"]
-        step_losses.copy_(s["step_losses"])
-        common.set_rng_state(s["rng"])
+        common.check_checkpoint(args.resume, s, {"D": D, "ema": ema.module, **({"G": G} if G is not None else {})},
+                                keys=("opt_d", "scaler_d", "epoch", "batch_in_epoch", "train_time", "ema_updates")
+                                + (("opt_g", "scaler_g") if G is not None else ())
+                                + (("hist_d", "hist_g") if hist_d is not None else ()),
+                                tensors={"step_losses": (steps_per_epoch, 4)}, max_step=total_steps)
+        with common.checkpoint_errors(args.resume):
+            D.load_state_dict(s["D"]), common.load_optimizer_state(opt_d, s["opt_d"]), ema.load_state_dict(s["ema"])
+            scaler_d.load_state_dict(s["scaler_d"])
+            if G is not None:
+                G.load_state_dict(s["G"]), common.load_optimizer_state(opt_g, s["opt_g"])
+                scaler_g.load_state_dict(s["scaler_g"])
+            if hist_d is not None:
+                hist_d.load_state_dict(s["hist_d"]), hist_g.load_state_dict(s["hist_g"])
+            step, epoch, start_batch = s["step"], int(s["epoch"]), int(s["batch_in_epoch"])
+            train_time = float(s["train_time"])
+            if step != epoch * steps_per_epoch + start_batch or not 0 <= start_batch < steps_per_epoch:
+                raise ValueError(f"step {step} is not epoch {epoch} x {steps_per_epoch} steps + batch {start_batch}")
+            ema.num_updates = int(s["ema_updates"])
+            step_losses.copy_(s["step_losses"])
+            common.set_rng_state(s["rng"])
+
+    # the run folder, locked for this process (a second writer is refused, naming this one)
+    run_dir = common.make_run_dir(args, resume_dir=Path(args.resume).parent.parent if args.resume else None)
+    ckpt_path = run_dir / "checkpoints" / "last.pt"
+    logger = common.MetricsLogger(run_dir, track=args.track)
+    if resume_state is None:  # which training digits carry labels, so the split can be reused elsewhere
+        common.write_json(run_dir / "labeled_indices.json", {"seed_data": args.seed_data, "indices": lab_idx.tolist()})
+    else:
         logger.truncate_after(step)
         print(f"resumed from {args.resume} at step {step} (epoch {epoch}, batch {start_batch})", flush=True)
+    print(f"run folder {run_dir} | device {device} | {n_train} train / {len(x_test)} test digits | "
+          f"{args.num_labels} labels | {steps_per_epoch} steps per epoch", flush=True)
 
     def checkpoint():
         state = {"args": vars(args), "D": D.state_dict(), "opt_d": opt_d.state_dict(), "ema": ema.state_dict(),
-                 "scaler_d": scaler_d.state_dict(), "step": step, "epoch": epoch, "batch_in_epoch": batch_in_epoch,
-                 "k": k, "train_time": train_time, "step_losses": step_losses.cpu(), "rng": common.rng_state()}
+                 "ema_updates": ema.num_updates, "scaler_d": scaler_d.state_dict(), "step": step, "epoch": epoch,
+                 "batch_in_epoch": batch_in_epoch, "k": k, "train_time": train_time, "step_losses": step_losses.cpu(),
+                 "rng": common.rng_state()}
         if G is not None:
             state.update(G=G.state_dict(), opt_g=opt_g.state_dict(), scaler_g=scaler_g.state_dict())
         if hist_d is not None:
             state.update(hist_d=hist_d.state_dict(), hist_g=hist_g.state_dict())
-        common.save_checkpoint(run_dir / "checkpoints" / "last.pt", state)
+        common.save_checkpoint(ckpt_path, state)  # refuses non-finite weights: a saved checkpoint is a good one
 
     def evaluate(tag):
         err_ema, err_raw = count_errors(ema.module, x_test, y_test), count_errors(D, x_test, y_test)
@@ -458,14 +500,15 @@ def main(argv=None):
         bad = ~torch.isfinite(rows).all(dim=1)
         if bool(bad.any()):
             at = first_step + int(bad.nonzero()[0]) + 1
-            raise common.UserError(f"non-finite loss at step {at} (epoch {epoch + 1}); stopping, the last good "
-                                   f"checkpoint is {run_dir / 'checkpoints' / 'last.pt'}")
+            kept = f"the last good checkpoint is {ckpt_path}" if ckpt_path.exists() else "no checkpoint was written yet"
+            raise common.UserError(f"non-finite loss at step {at} (epoch {epoch + 1}); stopping, {kept}")
 
     # training loop
     progress = common.Progress(total_steps, start=step)
     last_record, batch_in_epoch, k = {}, start_batch, batch
     t_run = time.perf_counter()
     sync_check_from = step + 2 if args.check_host_sync else None  # first steps: compilation, lazy CUDA init
+    stop = common.StopRequest()  # Ctrl-C: finish the step, save a checkpoint, print how to resume
     while epoch < args.epochs and step < total_steps:
         # ALGO LOGIC: top-k: k = max(mu, floor(B * gamma^epoch)) from the epoch counter (k = B without --topk)
         k = common.topk_k(batch, epoch, args.mu, args.gamma) if args.topk else batch
@@ -539,6 +582,8 @@ def main(argv=None):
                 common.check_host_sync(False)  # logging, evaluation and checkpoints read from the device
             if progress.due(step):
                 progress.report(step, epoch=epoch + 1, k=k, **{k_: v for k_, v in last_record.items() if "pct" in k_})
+            if stop:  # Ctrl-C: stop at this step boundary (below: checkpoint, one line saying how to continue)
+                break
 
         # end of epoch (or of --max-steps)
         check_finite(step_losses[first_batch:batch_in_epoch], step - (batch_in_epoch - first_batch))
@@ -546,8 +591,11 @@ def main(argv=None):
             torch.cuda.synchronize()
         epoch_time = time.perf_counter() - t_epoch
         train_time += epoch_time
-        if batch_in_epoch < steps_per_epoch:
-            break  # stopped by --max-steps inside the epoch; the checkpoint keeps the position
+        if batch_in_epoch < steps_per_epoch:  # stopped inside the epoch; the checkpoint keeps the position
+            if stop:  # Ctrl-C (the epoch's per-step losses so far are in the checkpoint)
+                checkpoint()
+                raise common.interrupted(__file__, argv, step, ckpt_path)
+            break  # --max-steps
         means = step_losses.mean(0).tolist()
         epoch += 1
         batch_in_epoch = 0
@@ -558,8 +606,11 @@ def main(argv=None):
             record.update(evaluate(f"epoch_{epoch:04d}"))
         logger.log(record)
         last_record = record
-        if epoch % args.save_every == 0 or epoch == args.epochs:
+        if epoch % args.save_every == 0 or epoch == args.epochs or stop:
             checkpoint()
+        if stop:  # Ctrl-C at the last step of an epoch, after the epoch's log line and evaluation
+            raise common.interrupted(__file__, argv, step, ckpt_path)
+    stop.restore()
 
     # final evaluation and summary
     final = last_record if "test_err_ema" in last_record and batch_in_epoch == 0 else evaluate(f"step_{step:06d}")
@@ -576,6 +627,7 @@ def main(argv=None):
                "torch_threads": torch.get_num_threads()}
     common.write_json(run_dir / "summary.json", summary)
     logger.close()
+    common.unlock_run_dir(run_dir)
     print(f"test error (EMA of D): {summary['test_err_ema']} / {len(x_test)} = {summary['test_err_ema_pct']:.2f}% | "
           f"raw D: {summary['test_err_raw']} = {summary['test_err_raw_pct']:.2f}% | {run_dir}", flush=True)
     return run_dir

@@ -76,8 +76,9 @@ import metrics
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    # common.ArgumentParser: argparse's own errors are one `error:` line too (the usage is for --help)
+    p = common.ArgumentParser(description=__doc__.split("\n")[0],
+                              formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     # run
     p.add_argument("--seed", type=int, default=1, help="seed of python, numpy and torch")
     p.add_argument("--torch-deterministic", action=argparse.BooleanOptionalAction, default=False,
@@ -100,8 +101,9 @@ def parse_args(argv=None):
                    help="also log to TensorBoard (needs the tensorboard package)")
     # data
     p.add_argument("--n-modes", type=int, default=25, help="number of Gaussians, a perfect square (25, 64, 100)")
-    p.add_argument("--grid-spacing", type=float, default=2.0, help="distance between neighbouring mode centres")
-    p.add_argument("--std", type=float, default=0.05, help="standard deviation of every Gaussian")
+    p.add_argument("--grid-spacing", type=common.finite_float, default=2.0,
+                   help="distance between neighbouring mode centres")
+    p.add_argument("--std", type=common.finite_float, default=0.05, help="standard deviation of every Gaussian")
     # models and optimisation
     p.add_argument("--latent-dim", type=int, default=2, help="dimension of G's input noise z ~ N(0, I)")
     p.add_argument("--hidden-dim", type=int, default=256, help="hidden units of every layer of G and D")
@@ -111,15 +113,16 @@ def parse_args(argv=None):
     p.add_argument("--iterations", type=int, default=50000, help="training iterations (one D and one G step each)")
     p.add_argument("--max-steps", type=int, default=None,
                    help="stop after this many iterations (smoke runs, benchmarks); still a complete run folder")
-    p.add_argument("--lr-g", type=float, default=1e-4, help="Adam learning rate of G")
-    p.add_argument("--lr-d", type=float, default=1e-4, help="Adam learning rate of D")
-    p.add_argument("--beta1", type=float, default=0.5, help="Adam beta1 of both nets")
-    p.add_argument("--beta2", type=float, default=0.999, help="Adam beta2 of both nets")
+    p.add_argument("--lr-g", type=common.finite_float, default=1e-4, help="Adam learning rate of G")
+    p.add_argument("--lr-d", type=common.finite_float, default=1e-4, help="Adam learning rate of D")
+    p.add_argument("--beta1", type=common.finite_float, default=0.5, help="Adam beta1 of both nets")
+    p.add_argument("--beta2", type=common.finite_float, default=0.999, help="Adam beta2 of both nets")
     # top-k
     p.add_argument("--topk", action=argparse.BooleanOptionalAction, default=False,
                    help="top-k generator update (Sinha et al. 2020)")
     p.add_argument("--mu", type=int, default=None, help="floor of k in samples (default: half the batch); needs --topk")
-    p.add_argument("--gamma", type=float, default=0.99, help="k decay per epoch: k = max(mu, floor(B * gamma^epoch))")
+    p.add_argument("--gamma", type=common.finite_float, default=0.99,
+                   help="k decay per epoch: k = max(mu, floor(B * gamma^epoch))")
     p.add_argument("--iters-per-epoch", type=int, default=500, help="iterations that make one epoch of the k schedule")
     p.add_argument("--bottomk", action=argparse.BooleanOptionalAction, default=False,
                    help="keep the k LOWEST-scored fakes instead (analysis only); needs --topk")
@@ -130,8 +133,9 @@ def parse_args(argv=None):
                    help="minibatch discrimination layer before D's output")
     p.add_argument("--mbd-kernels", type=int, default=100, help="minibatch discrimination: number of kernels")
     p.add_argument("--mbd-dim", type=int, default=5, help="minibatch discrimination: dimension of each kernel")
-    p.add_argument("--hist-avg", type=float, default=0.0, help="historical averaging penalty weight on G and D (0 = off)")
-    p.add_argument("--label-smoothing", type=float, default=0.0,
+    p.add_argument("--hist-avg", type=common.finite_float, default=0.0,
+                   help="historical averaging penalty weight on G and D (0 = off)")
+    p.add_argument("--label-smoothing", type=common.finite_float, default=0.0,
                    help="one-sided label smoothing: real target 1 - value (0 = off)")
     p.add_argument("--vbn", action=argparse.BooleanOptionalAction, default=False,
                    help="virtual batch normalisation after every hidden layer of G")
@@ -150,6 +154,7 @@ def parse_args(argv=None):
 
 def validate_args(args) -> None:
     """Every check that needs no file: raise common.UserError (one line) before anything is written."""
+    common.check_seed("--seed", args.seed)
     side = math.isqrt(args.n_modes) if args.n_modes > 0 else 0
     if args.n_modes < 1 or side * side != args.n_modes:
         raise common.UserError(f"--n-modes must be a perfect square (25, 64, 100, ...), got {args.n_modes}")
@@ -164,6 +169,18 @@ def validate_args(args) -> None:
         value = getattr(args, name)
         if not (math.isfinite(value) and value > 0):
             raise common.UserError(f"--{name.replace('_', '-')} must be a positive number, got {value}")
+    # the data are float32: --std and --grid-spacing must be float32 numbers, and the squared distances between
+    # samples and centres (training data, metrics, plots) must not overflow float32
+    f32 = np.finfo(np.float32)
+    for name in ["std", "grid_spacing"]:
+        if not float(f32.tiny) <= getattr(args, name) <= float(f32.max):
+            raise common.UserError(f"--{name.replace('_', '-')} {getattr(args, name):g} is not representable in "
+                                   f"float32, the data's type (use {float(f32.tiny):.2g} to {float(f32.max):.2g})")
+    reach = args.grid_spacing * (side - 1) / 2 + 10 * args.std  # farthest sample from the origin, roughly
+    if not 2 * (2 * reach) * (2 * reach) <= float(f32.max):  # (products: a float ** 2 raises OverflowError)
+        raise common.UserError(f"--grid-spacing {args.grid_spacing:g} and --std {args.std:g} put samples up to "
+                               f"{reach:.3g} from the origin: their squared distances overflow float32; use smaller "
+                               f"values")
     for name in ["beta1", "beta2"]:
         if not 0.0 <= getattr(args, name) < 1.0:
             raise common.UserError(f"--{name} must be in [0, 1), got {getattr(args, name)}")
@@ -452,11 +469,30 @@ def main(argv=None):
     device = common.pick_device(args.device)
     if args.check_host_sync and device.type != "cuda":
         raise common.UserError("--check-host-sync needs a CUDA device")
+    common.check_out_dir(args.out_dir, args.exp_name)
+    # sizes whose memory cannot exist are refused here, naming their flags (lower bounds: the largest tensors)
+    mbd = args.mbd_kernels * args.mbd_dim if args.minibatch_disc else 0
+
+    def nets():  # built on the meta device by common.parameter_count: no memory
+        return [Generator(args.latent_dim, args.hidden_dim, vbn=args.vbn, hidden_layers=args.hidden_layers),
+                Discriminator(args.hidden_dim, args.mbd_kernels if args.minibatch_disc else 0, args.mbd_dim,
+                              hidden_layers=args.hidden_layers)]
+
+    common.check_fits(device, {
+        "G and D (--hidden-dim, --hidden-layers, --latent-dim, --mbd-kernels x --mbd-dim)":
+            4 * 4 * common.parameter_count(nets),  # float32 weights, gradients and two Adam moments
+        "one training step (--batch-size x --hidden-dim x --hidden-layers, minibatch discrimination: --batch-size^2 "
+        "x --mbd-kernels x --mbd-dim)": 4 * 8 * args.batch_size * args.hidden_dim * args.hidden_layers
+                                         + 4 * 3 * args.batch_size ** 2 * mbd,
+        "the evaluation (--eval-samples x (--latent-dim + --n-modes))":
+            args.eval_samples * (4 * (args.latent_dim + 2) + 8 * (2 + args.n_modes)),
+        "the loss buffer (--log-every)": 8 * args.log_every,
+    })
     resume_state = common.load_checkpoint(args.resume) if args.resume else None  # CPU first; moved by load_state_dict
     if resume_state is not None:
         common.check_resume_config(resume_state["args"], args, allowed=("threads", "log_every", "keep_checkpoints",
                                                                                    "fast_step"))
-        if resume_state["step"] > args.iterations:
+        if resume_state.get("step", 0) > args.iterations:
             raise common.UserError(f"--resume: checkpoint is at iteration {resume_state['step']}, beyond --iterations "
                                    f"{args.iterations}")
     if args.threads > 0:
@@ -485,22 +521,27 @@ def main(argv=None):
     needs_autograd = args.feature_matching or args.minibatch_disc or args.vbn or args.hist_avg > 0
     fast_step = FastStep(G, D, cfg) if args.fast_step and not needs_autograd else None
 
-    # resume
+    # resume: the checkpoint's structure, shapes, step and finiteness are checked before any of it is applied
     step = 0
     if resume_state is not None:
-        G.load_state_dict(resume_state["G"])
-        D.load_state_dict(resume_state["D"])
-        common.load_optimizer_state(opt_g, resume_state["opt_g"])
-        common.load_optimizer_state(opt_d, resume_state["opt_d"])
-        if cfg.ha_g is not None:
-            cfg.ha_g.load_state_dict(resume_state["ha_g"])
-            cfg.ha_d.load_state_dict(resume_state["ha_d"])
-        common.set_rng_state(resume_state["rng"])
-        gen.set_state(resume_state["gen"].cpu())
+        common.check_checkpoint(args.resume, resume_state, {"G": G, "D": D},
+                                keys=("opt_g", "opt_d", "gen") + (("ha_g", "ha_d") if cfg.ha_g is not None else ()),
+                                max_step=args.iterations)
+        with common.checkpoint_errors(args.resume):
+            G.load_state_dict(resume_state["G"])
+            D.load_state_dict(resume_state["D"])
+            common.load_optimizer_state(opt_g, resume_state["opt_g"])
+            common.load_optimizer_state(opt_d, resume_state["opt_d"])
+            if cfg.ha_g is not None:
+                cfg.ha_g.load_state_dict(resume_state["ha_g"])
+                cfg.ha_d.load_state_dict(resume_state["ha_d"])
+            common.set_rng_state(resume_state["rng"])
+            gen.set_state(resume_state["gen"].cpu())
         step = int(resume_state["step"])
-        run_dir = common.make_run_dir(args, resume_dir=Path(args.resume).resolve().parent.parent)
+        run_dir = common.make_run_dir(args, resume_dir=Path(args.resume).resolve().parent.parent)  # locked: one writer
     else:
         run_dir = common.make_run_dir(args)
+    ckpt_path = run_dir / "checkpoints" / "last.pt"
     logger = common.MetricsLogger(run_dir, track=args.track)
     logger.truncate_after(step)
     print(f"run folder: {run_dir}", flush=True)
@@ -548,7 +589,7 @@ def main(argv=None):
         bad = ~torch.isfinite(losses).all(1)
         if bool(bad.any()):
             at = buf_start + int(bad.nonzero()[0, 0]) + 1
-            kept = f"last good checkpoint: {run_dir / 'checkpoints' / 'last.pt'} (iteration {last_saved})" \
+            kept = f"last good checkpoint: {ckpt_path} (iteration {last_saved})" \
                 if last_saved is not None else "no checkpoint was written yet"
             raise common.UserError(f"non-finite loss at iteration {at} (D {losses[at - buf_start - 1, 0].item():.4g}, "
                                    f"G {losses[at - buf_start - 1, 1].item():.4g}); stopped, {kept}")
@@ -564,6 +605,7 @@ def main(argv=None):
 
     G.train(), D.train()
     sync_check_from = step + 2 if args.check_host_sync else None  # first steps: allocation, lazy CUDA init
+    stop = common.StopRequest()  # Ctrl-C: finish the step, save a checkpoint, print how to resume
     while step < end:
         k = k_at(step)
         if sync_check_from is not None:
@@ -587,12 +629,18 @@ def main(argv=None):
             flush(step)
         if step % args.eval_every == 0 and step < end:
             run_eval(step)
-        if save_now:
+        if save_now:  # (save_checkpoint refuses non-finite weights: a saved checkpoint is always a good one)
             state = checkpoint_state(step, k_at(step))
-            common.save_checkpoint(run_dir / "checkpoints" / "last.pt", state)
+            common.save_checkpoint(ckpt_path, state)
             if args.keep_checkpoints:
                 common.save_checkpoint(run_dir / "checkpoints" / f"step_{step:07d}.pt", state)
             last_saved = step
+        if stop:  # Ctrl-C: stop at this step boundary with a checkpoint, so --resume continues exactly
+            flush(step)
+            if last_saved != step:
+                common.save_checkpoint(ckpt_path, checkpoint_state(step, k_at(step)))
+            raise common.interrupted(__file__, argv, step, ckpt_path)
+    stop.restore()
     wall = time.perf_counter() - t_start
 
     # final evaluation and summary
@@ -606,6 +654,7 @@ def main(argv=None):
                "threshold_sigma": 4.0}
     common.write_json(run_dir / "summary.json", summary)
     logger.close()
+    common.unlock_run_dir(run_dir)
     print(f"done: {run_dir}  HQ {100 * result['high_quality']:.2f}%  modes {100 * result['modes_recovered']:.2f}%  "
           f"reverse KL {result['reverse_kl']:.4f}  ({wall:.0f} s)", flush=True)
     return run_dir

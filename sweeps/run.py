@@ -384,7 +384,8 @@ def validate(args, runs: list[Run], device_kind: str) -> dict:
             fail(f"--devices {d}: no such device ({answer['cuda_count']} CUDA device(s) visible)")
     for run, result in zip(runs, answer["results"]):
         if not result["ok"]:
-            fail(f"variant {run.variant!r} (seed {run.seed}): {args.script.name} refuses its flags: {result['error']}")
+            reason = re.sub(r"^error:\s*", "", str(result["error"]))  # the script's own one-line error, unprefixed
+            fail(f"variant {run.variant!r} (seed {run.seed}): {args.script.name} refuses its flags: {reason}")
     resolved = [r["resolved"] for r in answer["results"]]
     has_threads = "threads" in resolved[0]
     if has_threads and any(tok == "--threads" or tok.startswith("--threads=") for run in runs for tok in run.flags):
