@@ -56,9 +56,12 @@ def parse_args():
     p.add_argument("--fid-samples", type=int, default=50_000, help="generated images of the FID timing")
     p.add_argument("--json", default=None, help="also write every figure to this JSON file")
     args = p.parse_args()
-    device = common.pick_device(args.device)
+    try:
+        device = common.pick_device(args.device)
+    except common.UserError as e:
+        p.exit(2, f"error: {e}\n")
     if device.type != "cuda":
-        p.error("gpu_report measures a CUDA GPU: --device must be cuda or cuda:N")
+        p.exit(2, "error: gpu_report measures a CUDA GPU: --device must be cuda or cuda:N\n")
     args.device = str(device)
     return args
 
