@@ -44,6 +44,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import math
 import os
 import statistics
 import sys
@@ -329,21 +330,28 @@ def study_plot(out_root: Path, seeds, iterations, path: Path, size: tuple[int, i
     left, right, top, bottom = 70, 190, 60, 60
     img = Image.new("RGB", (W, H), "white")
     d = ImageDraw.Draw(img)
-    x_lo, x_hi, y_lo, y_hi = 0.0, 100.0, 0.0, 100.0
+    rows = {(c, v): finished(out_root, c, 25, v, seeds, iterations) for c in COLOURS for v in ("gan", "topk")}
+    values = [(100 * r["modes_recovered"], 100 * r["high_quality"]) for rs in rows.values() for r in rs]
+    values += [(m, h) for h, m in (PAPER[25]["gan"], PAPER[25]["topk"])]
+    # axes from a multiple of 10 below the lowest value to 100 (a tight view; the ticks say where it starts)
+    x_lo = min(10.0 * math.floor(min(m for m, _ in values) / 10.0 - 0.5), 90.0)
+    y_lo = min(10.0 * math.floor(min(h for _, h in values) / 10.0 - 0.5), 90.0)
+    x_hi, y_hi = 101.0, 101.0  # room for markers at 100 %
 
     def px(modes, hq):
         return (left + (modes - x_lo) / (x_hi - x_lo) * (W - left - right),
                 H - bottom - (hq - y_lo) / (y_hi - y_lo) * (H - top - bottom))
 
     # axes, grid, ticks and labels
-    for v in range(0, 101, 10):
-        x, _ = px(v, 0)
-        _, y = px(0, v)
+    for v in range(int(x_lo), 101, 5):
+        x, _ = px(v, y_lo)
         d.line([x, top, x, H - bottom], fill=(235, 235, 235))
-        d.line([left, y, W - right, y], fill=(235, 235, 235))
         d.line([x, H - bottom, x, H - bottom + 5], fill="black")
-        d.line([left - 5, y, left, y], fill="black")
         d.text((x - 6, H - bottom + 8), str(v), fill="black")
+    for v in range(int(y_lo), 101, 5):
+        _, y = px(x_lo, v)
+        d.line([left, y, W - right, y], fill=(235, 235, 235))
+        d.line([left - 5, y, left, y], fill="black")
         d.text((left - 30, y - 6), str(v), fill="black")
     d.rectangle([left, top, W - right, H - bottom], outline="black")
     d.text(((left + W - right) / 2 - 70, H - 25), "modes recovered (%)", fill="black")
@@ -361,14 +369,16 @@ def study_plot(out_root: Path, seeds, iterations, path: Path, size: tuple[int, i
         return tuple(int(v + (255 - v) * 0.6) for v in c)
 
     for config, colour in COLOURS.items():
-        means = {}
+        means, drawn = {}, {}
         for variant, shape in (("gan", "circle"), ("topk", "triangle")):
-            rows = finished(out_root, config, 25, variant, seeds, iterations)
-            for r in rows:
+            runs = rows[config, variant]
+            # a GAN cell shared with another config (slowk's is base's run) is drawn once, in that config's colour
+            drawn[variant] = cell_folder(out_root, config, variant).name == config
+            for r in runs if drawn[variant] else []:
                 marker(*px(100 * r["modes_recovered"], 100 * r["high_quality"]), shape, light(colour), r=4)
-            if rows:
-                means[variant] = px(statistics.mean(100 * r["modes_recovered"] for r in rows),
-                                    statistics.mean(100 * r["high_quality"] for r in rows))
+            if runs:
+                means[variant] = px(statistics.mean(100 * r["modes_recovered"] for r in runs),
+                                    statistics.mean(100 * r["high_quality"] for r in runs))
         if "gan" in means and "topk" in means:
             (x0, y0), (x1, y1) = means["gan"], means["topk"]
             d.line([x0, y0, x1, y1], fill=colour, width=2)
@@ -377,7 +387,7 @@ def study_plot(out_root: Path, seeds, iterations, path: Path, size: tuple[int, i
             d.polygon([(x1, y1), (x1 - 12 * ux + 5 * uy, y1 - 12 * uy - 5 * ux),
                        (x1 - 12 * ux - 5 * uy, y1 - 12 * uy + 5 * ux)], fill=colour)
         for variant, shape in (("gan", "circle"), ("topk", "triangle")):
-            if variant in means:
+            if variant in means and drawn[variant]:
                 marker(*means[variant], shape, colour, r=6)
     for (hq, modes), shape in ((PAPER[25]["gan"], "circle"), (PAPER[25]["topk"], "triangle")):
         marker(*px(modes, hq), shape, (0, 0, 0), r=6, fill=False)
