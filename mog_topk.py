@@ -74,6 +74,22 @@ import torch.nn.functional as F
 import common
 import metrics
 
+# The setups of the MoG setup study (README, "MoG setup study"): name -> the settings it fixes. `--setup` picks one;
+# a flag given explicitly overrides its entry. The default is the setup the study's pre-registered rule chose. The k
+# schedule entries (iters_per_epoch, mu_fraction: the floor of k as a fraction of the batch) apply with --topk only;
+# without it they are not used, and the run keeps the inert values of `base` (500, B/2), so the GAN runs of setups
+# that differ only in the k schedule are the same run with the same arguments.
+SETUPS = {
+    "base": dict(grid_spacing=2.0, hidden_layers=3, beta1=0.5, beta2=0.999, iters_per_epoch=500, mu_fraction=0.5),
+    "spacing1": dict(grid_spacing=1.0, hidden_layers=3, beta1=0.5, beta2=0.999, iters_per_epoch=500, mu_fraction=0.5),
+    "depth4": dict(grid_spacing=2.0, hidden_layers=4, beta1=0.5, beta2=0.999, iters_per_epoch=500, mu_fraction=0.5),
+    "slowk": dict(grid_spacing=2.0, hidden_layers=3, beta1=0.5, beta2=0.999, iters_per_epoch=2000, mu_fraction=0.75),
+    "betas": dict(grid_spacing=2.0, hidden_layers=3, beta1=0.9, beta2=0.99, iters_per_epoch=500, mu_fraction=0.5),
+    "all": dict(grid_spacing=1.0, hidden_layers=4, beta1=0.9, beta2=0.99, iters_per_epoch=2000, mu_fraction=0.75),
+}
+DEFAULT_SETUP = "base"
+TOPK_ONLY = ("iters_per_epoch", "mu_fraction")
+
 
 def parse_args(argv=None):
     # common.ArgumentParser: argparse's own errors are one `error:` line too (the usage is for --help)
@@ -99,31 +115,40 @@ def parse_args(argv=None):
                    help="run folder is <out-dir>/<exp-name>__<seed>__<unix time>")
     p.add_argument("--track", action=argparse.BooleanOptionalAction, default=False,
                    help="also log to TensorBoard (needs the tensorboard package)")
+    p.add_argument("--setup", type=str, default=DEFAULT_SETUP, choices=sorted(SETUPS),
+                   help="setup of the MoG setup study that gives --grid-spacing, --hidden-layers, --beta1, --beta2 "
+                        "and, with --topk, --iters-per-epoch and --mu when they are not given: " +
+                        "; ".join(f"{name}: spacing {v['grid_spacing']:g}, {v['hidden_layers']} hidden layers, "
+                                  f"betas ({v['beta1']:g}, {v['beta2']:g}), k epoch {v['iters_per_epoch']} "
+                                  f"iterations, floor {v['mu_fraction']:g} B" for name, v in SETUPS.items()))
     # data
     p.add_argument("--n-modes", type=int, default=25, help="number of Gaussians, a perfect square (25, 64, 100)")
-    p.add_argument("--grid-spacing", type=common.finite_float, default=2.0,
-                   help="distance between neighbouring mode centres")
+    p.add_argument("--grid-spacing", type=common.finite_float, default=None,
+                   help="distance between neighbouring mode centres (None: the --setup's)")
     p.add_argument("--std", type=common.finite_float, default=0.05, help="standard deviation of every Gaussian")
     # models and optimisation
     p.add_argument("--latent-dim", type=int, default=2, help="dimension of G's input noise z ~ N(0, I)")
     p.add_argument("--hidden-dim", type=int, default=256, help="hidden units of every layer of G and D")
-    p.add_argument("--hidden-layers", type=int, default=3,
-                   help="hidden Linear+ReLU layers of G and of D (3: four linear layers each, counting the output)")
+    p.add_argument("--hidden-layers", type=int, default=None,
+                   help="hidden Linear+ReLU layers of G and of D (3: four linear layers each, counting the output; "
+                        "None: the --setup's)")
     p.add_argument("--batch-size", type=int, default=256, help="real and fake samples per step")
     p.add_argument("--iterations", type=int, default=50000, help="training iterations (one D and one G step each)")
     p.add_argument("--max-steps", type=int, default=None,
                    help="stop after this many iterations (smoke runs, benchmarks); still a complete run folder")
     p.add_argument("--lr-g", type=common.finite_float, default=1e-4, help="Adam learning rate of G")
     p.add_argument("--lr-d", type=common.finite_float, default=1e-4, help="Adam learning rate of D")
-    p.add_argument("--beta1", type=common.finite_float, default=0.5, help="Adam beta1 of both nets")
-    p.add_argument("--beta2", type=common.finite_float, default=0.999, help="Adam beta2 of both nets")
+    p.add_argument("--beta1", type=common.finite_float, default=None, help="Adam beta1 of both nets (None: the --setup's)")
+    p.add_argument("--beta2", type=common.finite_float, default=None, help="Adam beta2 of both nets (None: the --setup's)")
     # top-k
     p.add_argument("--topk", action=argparse.BooleanOptionalAction, default=False,
                    help="top-k generator update (Sinha et al. 2020)")
-    p.add_argument("--mu", type=int, default=None, help="floor of k in samples (default: half the batch); needs --topk")
+    p.add_argument("--mu", type=int, default=None,
+                   help="floor of k in samples; needs --topk (None: the --setup's fraction of the batch)")
     p.add_argument("--gamma", type=common.finite_float, default=0.99,
                    help="k decay per epoch: k = max(mu, floor(B * gamma^epoch))")
-    p.add_argument("--iters-per-epoch", type=int, default=500, help="iterations that make one epoch of the k schedule")
+    p.add_argument("--iters-per-epoch", type=int, default=None,
+                   help="iterations that make one epoch of the k schedule (None: the --setup's with --topk, else 500)")
     p.add_argument("--bottomk", action=argparse.BooleanOptionalAction, default=False,
                    help="keep the k LOWEST-scored fakes instead (analysis only); needs --topk")
     # Improved-GAN techniques
@@ -153,7 +178,9 @@ def parse_args(argv=None):
 
 
 def validate_args(args) -> None:
-    """Every check that needs no file: raise common.UserError (one line) before anything is written."""
+    """Every check that needs no file: raise common.UserError (one line) before anything is written. Fills the
+    settings left at None from --setup first."""
+    apply_setup(args)
     common.check_seed("--seed", args.seed)
     side = math.isqrt(args.n_modes) if args.n_modes > 0 else 0
     if args.n_modes < 1 or side * side != args.n_modes:
@@ -197,8 +224,22 @@ def validate_args(args) -> None:
     if not args.topk and args.bottomk:
         raise common.UserError("--bottomk selects among the fakes of the top-k update: add --topk")
     if args.mu is None:
-        args.mu = max(1, args.batch_size // 2)
+        fraction = SETUPS[args.setup]["mu_fraction"] if args.topk else SETUPS["base"]["mu_fraction"]
+        args.mu = max(1, int(args.batch_size * fraction))
     common.validate_topk(args.batch_size, args.mu, args.gamma)
+
+
+def apply_setup(args) -> None:
+    """Give every setup setting that is None the value of --setup (the k schedule's only with --topk: see SETUPS)."""
+    if getattr(args, "setup", None) is None:  # a namespace made by hand (tests, older code): the base setup
+        args.setup = "base"
+    if args.setup not in SETUPS:
+        raise common.UserError(f"--setup must be one of {', '.join(SETUPS)}, got {args.setup!r}")
+    for name, value in SETUPS[args.setup].items():
+        if name == "mu_fraction":
+            continue  # resolved with the batch size in validate_args
+        if getattr(args, name, None) is None:
+            setattr(args, name, value if (args.topk or name not in TOPK_ONLY) else SETUPS["base"][name])
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -491,7 +532,7 @@ def main(argv=None):
     resume_state = common.load_checkpoint(args.resume) if args.resume else None  # CPU first; moved by load_state_dict
     if resume_state is not None:
         common.check_resume_config(resume_state["args"], args, allowed=("threads", "log_every", "keep_checkpoints",
-                                                                                   "fast_step"))
+                                                                                   "fast_step", "setup"))
         if resume_state.get("step", 0) > args.iterations:
             raise common.UserError(f"--resume: checkpoint is at iteration {resume_state['step']}, beyond --iterations "
                                    f"{args.iterations}")

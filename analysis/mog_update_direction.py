@@ -14,10 +14,19 @@ Details (the paper leaves them open):
   * Computed in float64, so tiny displacements are not rounding noise; D is fixed (its weights are not updated).
   * Statistics over all samples of the batch (`all`) and over the k samples that formed the loss (`selected`).
 
-Example:
+  * Significance per checkpoint: the two steps start from the same weights and the same batch, so the per-sample
+    difference cos_topk - cos_bottomk is paired; `p` is the two-sided paired t-test of its mean over all samples
+    (scipy.stats.ttest_rel). It says whether, at that checkpoint, the top-k step points more towards the modes than
+    the bottom-k step; agreement across seeds and checkpoints is the count in summary.md, not a p-value.
+
+Examples:
     python analysis/mog_update_direction.py --checkpoint runs/table1/mog25_topk__1__<t>/checkpoints/step_0020000.pt \\
         --batch-size 10000 --k 5000
-Writes update_direction.json and update_direction.png into --out (default: the checkpoint's run folder).
+    python analysis/mog_update_direction.py --checkpoint runs/*/checkpoints/step_00{15,20}000.pt --out figure2/
+One checkpoint: writes update_direction.json and update_direction.png into --out (default: the checkpoint's run
+folder). Several: --out is required; writes <run>_it<step>.json/.png per checkpoint and summary.md (one row per
+checkpoint: mean cosine per distance bin, top-k / bottom-k, the paired p-value; then per bin in how many checkpoints
+the top-k step's mean cosine is above the bottom-k step's).
 """
 
 from __future__ import annotations
@@ -43,7 +52,8 @@ BIN_NAMES = ["0-1", "1-2", "2-3", "3-4", ">=4"]
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--checkpoint", type=str, required=True, help="a checkpoint written by mog_topk.py")
+    p.add_argument("--checkpoint", type=str, nargs="+", required=True,
+                   help="one or more checkpoints written by mog_topk.py")
     p.add_argument("--batch-size", type=int, default=10000, help="fakes in the large batch")
     p.add_argument("--k", type=int, default=None, help="fakes kept by each update (default: half the batch)")
     p.add_argument("--optimizer", choices=["sgd", "adam"], default="sgd",
@@ -60,6 +70,11 @@ def parse_args(argv=None):
         raise common.UserError(f"--k must be between 1 and --batch-size {args.batch_size}, got {args.k}")
     if not (math.isfinite(args.lr) and args.lr > 0):
         raise common.UserError(f"--lr must be positive, got {args.lr}")
+    if len(args.checkpoint) > 1 and args.out is None:
+        raise common.UserError("several --checkpoint files need --out (the folder of their results and summary.md)")
+    for path in args.checkpoint:
+        if not Path(path).is_file():
+            raise common.UserError(f"--checkpoint {path}: no such file")
     return args
 
 
@@ -154,16 +169,15 @@ def bar_chart(path: Path, result: dict, title: str) -> None:
     img.save(path)
 
 
-def main(argv=None):
-    args = parse_args(argv)
-    state = common.load_checkpoint(args.checkpoint)
+def analyse(checkpoint: str, args, out: Path, stem: str) -> dict:
+    """Run both one-step updates from one checkpoint; write <stem>.json and <stem>.png into `out`; the result."""
+    state = common.load_checkpoint(checkpoint)
     for key in ("G", "D", "opt_g", "step"):
         if key not in state:
-            raise common.UserError(f"{args.checkpoint} is not a mog_topk.py checkpoint (no {key!r})")
+            raise common.UserError(f"{checkpoint} is not a mog_topk.py checkpoint (no {key!r})")
     G, D, run_args = load_models(state)
     if run_args.minibatch_disc and args.batch_size > 2048:
         raise common.UserError("with minibatch discrimination D compares every pair of the batch: use --batch-size <= 2048")
-    torch.manual_seed(args.seed)
     centers = np.asarray(metrics.grid_centers(run_args.n_modes, run_args.grid_spacing), dtype=np.float64)
     std = float(run_args.std)
     z = torch.randn(args.batch_size, run_args.latent_dim, generator=torch.Generator().manual_seed(args.seed),
@@ -173,11 +187,12 @@ def main(argv=None):
         before = G(z)
         scores = D(before)
     before_np = before.numpy()
-    result = {"checkpoint": str(args.checkpoint), "step": int(state["step"]), "n_modes": run_args.n_modes,
-              "run_topk": bool(run_args.topk), "batch_size": args.batch_size, "k": args.k,
-              "optimizer": args.optimizer, "lr": args.lr if args.optimizer == "sgd" else run_args.lr_g,
+    result = {"checkpoint": str(checkpoint), "run": Path(checkpoint).resolve().parent.parent.name,
+              "exp_name": run_args.exp_name, "run_seed": run_args.seed, "step": int(state["step"]),
+              "n_modes": run_args.n_modes, "run_topk": bool(run_args.topk), "batch_size": args.batch_size,
+              "k": args.k, "optimizer": args.optimizer, "lr": args.lr if args.optimizer == "sgd" else run_args.lr_g,
               "seed": args.seed, "bins_sigma": BIN_NAMES}
-    cos_all = {}
+    cos_of = {}
     for variant, largest in (("topk", True), ("bottomk", False)):
         idx = common.select_topk(scores, args.k, largest=largest)
         G1 = one_step(G, D, z, idx, args.optimizer, args.lr, state["opt_g"])
@@ -186,27 +201,87 @@ def main(argv=None):
         cos, dist = direction_stats(before_np, after, centers, std)
         sel = np.zeros(args.batch_size, dtype=bool)
         sel[idx.numpy()] = True
-        cos_all[variant] = cos
+        cos_of[variant] = cos
         result[variant] = {"all": histogram(cos, dist), "selected": histogram(cos[sel], dist[sel]),
                            "mean_cos_all": float(cos.mean()), "mean_cos_selected": float(cos[sel].mean()),
                            "selected_dist_sigma_median": float(np.median(dist[sel]))}
     _, dist = direction_stats(before_np, before_np, centers, std)
     result["dist_sigma_counts"] = [int(((dist >= lo) & (dist < hi)).sum()) for lo, hi in zip(BIN_EDGES[:-1], BIN_EDGES[1:])]
+    result["paired_p_all"] = paired_p(cos_of["topk"], cos_of["bottomk"])
 
-    out = Path(args.out) if args.out else Path(args.checkpoint).resolve().parent.parent
     out.mkdir(parents=True, exist_ok=True)
-    common.write_json(out / "update_direction.json", result)
-    bar_chart(out / "update_direction.png", result,
+    common.write_json(out / f"{stem}.json", result)
+    bar_chart(out / f"{stem}.png", result,
               f"{run_args.n_modes} modes, iteration {state['step']}, batch {args.batch_size}, k {args.k}, "
               f"{args.optimizer}")
-    print(f"{'bin (sigma)':>12} {'n':>6} {'top-k cos':>10} {'bottom-k cos':>13}")
-    for i, name in enumerate(BIN_NAMES):
-        t, b = result["topk"]["all"][i], result["bottomk"]["all"][i]
-        fmt = lambda v: "–" if v is None else f"{v:+.3f}"  # noqa: E731
-        print(f"{name:>12} {t['count']:>6} {fmt(t['mean_cos']):>10} {fmt(b['mean_cos']):>13}")
-    print(f"mean over all samples: top-k {result['topk']['mean_cos_all']:+.3f}, "
-          f"bottom-k {result['bottomk']['mean_cos_all']:+.3f}; wrote {out / 'update_direction.json'}")
     return result
+
+
+def paired_p(a: np.ndarray, b: np.ndarray) -> float | None:
+    """Two-sided paired t-test p-value of mean(a - b) = 0 (None when a - b is constant: no spread to test)."""
+    from scipy import stats
+
+    diff = a - b
+    if not np.any(diff != diff[0]):
+        return None
+    return float(stats.ttest_rel(a, b).pvalue)
+
+
+def fmt_cos(v) -> str:
+    return "–" if v is None else f"{v:+.3f}"
+
+
+def fmt_p(p) -> str:
+    return "–" if p is None else (f"{p:.1e}" if p < 1e-3 else f"{p:.3f}")
+
+
+def summary_markdown(results: list[dict]) -> str:
+    """The table of several checkpoints (one row each) and, per bin, in how many the top-k step is ahead."""
+    head = "| run | iteration | " + " | ".join(f"{b}σ" for b in BIN_NAMES) + " | all | paired p (all) |"
+    lines = ["Mean cosine between each sample's displacement and the direction to its nearest mode, "
+             "top-k step / bottom-k step (one step each from the same weights and batch).", "",
+             head, "|" + "---|" * (len(BIN_NAMES) + 4)]
+    for r in results:
+        cells = [f"{fmt_cos(t['mean_cos'])} / {fmt_cos(b['mean_cos'])}" for t, b in zip(r["topk"]["all"], r["bottomk"]["all"])]
+        lines.append(f"| {r['run']} | {r['step']} | " + " | ".join(cells) +
+                     f" | {r['topk']['mean_cos_all']:+.3f} / {r['bottomk']['mean_cos_all']:+.3f} | {fmt_p(r['paired_p_all'])} |")
+    ahead = []
+    for i, name in enumerate(BIN_NAMES):
+        pairs = [(r["topk"]["all"][i]["mean_cos"], r["bottomk"]["all"][i]["mean_cos"]) for r in results]
+        pairs = [(t, b) for t, b in pairs if t is not None and b is not None]
+        ahead.append(f"{name}σ: {sum(t > b for t, b in pairs)} of {len(pairs)}")
+    overall = sum(r["topk"]["mean_cos_all"] > r["bottomk"]["mean_cos_all"] for r in results)
+    significant = sum(r["paired_p_all"] is not None and r["paired_p_all"] < 0.05
+                      and r["topk"]["mean_cos_all"] > r["bottomk"]["mean_cos_all"] for r in results)
+    lines += ["", "Top-k step ahead of the bottom-k step (checkpoints): " + ", ".join(ahead) +
+              f"; all samples: {overall} of {len(results)} ({significant} of them with paired p < 0.05)."]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    results = []
+    for checkpoint in args.checkpoint:
+        if len(args.checkpoint) == 1:
+            out, stem = (Path(args.out) if args.out else Path(checkpoint).resolve().parent.parent), "update_direction"
+        else:
+            out = Path(args.out)
+            stem = f"{Path(checkpoint).resolve().parent.parent.name}_it{Path(checkpoint).stem.split('_')[-1]}"
+        result = analyse(checkpoint, args, out, stem)
+        results.append(result)
+        print(f"{result['run']} iteration {result['step']}")
+        print(f"{'bin (sigma)':>12} {'n':>6} {'top-k cos':>10} {'bottom-k cos':>13}")
+        for i, name in enumerate(BIN_NAMES):
+            t, b = result["topk"]["all"][i], result["bottomk"]["all"][i]
+            print(f"{name:>12} {t['count']:>6} {fmt_cos(t['mean_cos']):>10} {fmt_cos(b['mean_cos']):>13}")
+        print(f"mean over all samples: top-k {result['topk']['mean_cos_all']:+.3f}, "
+              f"bottom-k {result['bottomk']['mean_cos_all']:+.3f} (paired p {fmt_p(result['paired_p_all'])}); "
+              f"wrote {out / (stem + '.json')}", flush=True)
+    if len(results) > 1:
+        text = summary_markdown(results)
+        (Path(args.out) / "summary.md").write_text(text)
+        print(text, end="")
+    return results[0] if len(results) == 1 else results
 
 
 if __name__ == "__main__":

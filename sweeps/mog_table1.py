@@ -21,7 +21,7 @@ Cell (modes, variant, seed) is `mog_topk.py --n-modes M --iterations I <variant 
 Variants: gan (plain), topk (--topk), bottomk (--topk --bottomk: the analysis control of Figure 2).
 
 Setup study (README, "MoG setup study"). `--config NAME` runs the cells in one setup of CONFIGS below (run folders in
-`<out-dir>/<config>/`); `--study` runs the pre-registered study: every config of CONFIGS at 25 modes, GAN and top-k,
+`<out-dir>/<config>/`; a config's runs are `mog_topk.py --setup <config>`); `--study` runs the pre-registered study: every config of CONFIGS at 25 modes, GAN and top-k,
 the GAN cells of every config first (they alone decide the setup), then the top-k cells, and writes
 `<out-dir>/study.md`. Decision rule (fixed before any study run): the config whose GAN row at 25 modes is closest to the
 paper's GAN row, |HQ - 85.6| + |modes - 100| in percentage points, mean over seeds. `--config chosen` then means
@@ -64,17 +64,19 @@ PAPER = {
 VARIANT_FLAGS = {"gan": [], "topk": ["--topk"], "bottomk": ["--topk", "--bottomk"]}
 PAPER_GAN_25 = PAPER[25]["gan"]
 
-# The setup study: config -> (flags of every run, flags of the top-k / bottom-k runs only). Batch size is the
-# script's default 256, so 0.75 * B = 192.
+# The setup study: config -> its change from `base`, in mog_topk.py flags. A config runs as `mog_topk.py --setup
+# <config>` (mog_topk.SETUPS holds the values; tests/test_mog_study.py checks that both say the same). Batch size is
+# the script's default 256, so 0.75 * B = 192.
 CONFIGS = {
-    "base": ([], []),                                            # the script's setup before the study
-    "spacing1": (["--grid-spacing", "1"], []),                   # centres at {-2, ..., 2}^2 (JAX-GAN, MH-GAN code)
-    "depth4": (["--hidden-layers", "4"], []),                    # 4 hidden layers of 256 in G and D (JAX-GAN)
-    "slowk": ([], ["--iters-per-epoch", "2000", "--mu", "192"]),  # k x 0.99 every 2,000 iterations, floor 0.75 B
-    "betas": (["--beta1", "0.9", "--beta2", "0.99"], []),        # Adam betas of JAX-GAN
-    "all": (["--grid-spacing", "1", "--hidden-layers", "4", "--beta1", "0.9", "--beta2", "0.99"],
-            ["--iters-per-epoch", "2000", "--mu", "192"]),
+    "base": "none: --grid-spacing 2 --hidden-layers 3 --beta1 0.5 --beta2 0.999, top-k: --iters-per-epoch 500 --mu 128",
+    "spacing1": "--grid-spacing 1",                       # centres at {-2, ..., 2}^2 (JAX-GAN)
+    "depth4": "--hidden-layers 4",                        # 4 hidden layers of 256 in G and D (JAX-GAN)
+    "slowk": "top-k: --iters-per-epoch 2000 --mu 192",    # k x 0.99 every 2,000 iterations, floor 0.75 B (JAX-GAN)
+    "betas": "--beta1 0.9 --beta2 0.99",                  # Adam betas of JAX-GAN
+    "all": "--grid-spacing 1 --hidden-layers 4 --beta1 0.9 --beta2 0.99, top-k: --iters-per-epoch 2000 --mu 192",
 }
+# GAN runs that are another config's: slowk changes only the k schedule, which does not exist without --topk.
+SAME_GAN_RUN = {"slowk": "base"}
 
 
 def parse_args():
@@ -118,22 +120,19 @@ def exp_name(modes: int, variant: str) -> str:
 
 
 def config_flags(config: str | None, variant: str) -> list[str]:
-    """mog_topk.py flags of one config for one variant (top-k-only flags are dropped for gan)."""
+    """mog_topk.py flags of one config (the script applies a setup's k schedule to --topk runs only)."""
     if config is None:
         return []
-    common_flags, topk_flags = CONFIGS[config]
-    return common_flags + (topk_flags if variant != "gan" else [])
+    return ["--setup", SAME_GAN_RUN.get(config, config) if variant == "gan" else config]
 
 
 def cell_folder(out_root: Path, config: str | None, variant: str) -> Path:
-    """Folder of a cell's run folders: <out-root>/<config>/, where a GAN cell whose flags equal an earlier config's
-    uses that config's folder (slowk's GAN run is base's: same flags, same seed, same run)."""
+    """Folder of a cell's run folders: <out-root>/<config>/, where a GAN cell of a config in SAME_GAN_RUN uses the
+    other config's folder (slowk's GAN run is base's: same settings, same seed, same run)."""
     if config is None:
         return out_root
     if variant == "gan":
-        for other in CONFIGS:
-            if config_flags(other, "gan") == config_flags(config, "gan"):
-                return out_root / other
+        return out_root / SAME_GAN_RUN.get(config, config)
     return out_root / config
 
 
@@ -203,7 +202,7 @@ def fmt(values, digits=1):
 def report(out_root: Path, config, modes_list, variants, seeds, iterations) -> str:
     """Table 1 of one config (or of the script's defaults) as markdown; also written to <folder>/table1.md."""
     folder = out_root / config if config else out_root
-    where = f" Setup: config `{config}` ({' '.join(CONFIGS[config][0] + CONFIGS[config][1]) or 'script defaults'})." \
+    where = f" Setup: config `{config}` (`mog_topk.py --setup {config}`; change from base: {CONFIGS[config]})." \
         if config else ""
     lines = [f"Table 1 reproduction: mixture of Gaussians, {iterations} iterations, 10,000 samples, threshold 4σ "
              f"(mean ± sample std over seeds; n = seeds finished of {list(seeds)}).{where}", "",
@@ -284,12 +283,14 @@ def study_report(out_root: Path, seeds, iterations) -> str:
             metric_rows[config, variant] = rows
             hq = [100 * r["high_quality"] for r in rows]
             modes = [100 * r["modes_recovered"] for r in rows]
-            flags = " ".join(config_flags(config, variant)) or "–"
+            flags = " ".join(config_flags(config, variant))
             same = f" (= {cell_folder(out_root, config, variant).name})" \
                 if cell_folder(out_root, config, variant).name != config else ""
             lines.append(f"| {config} | `{flags}` | {variant}{same} | {len(rows)} | {fmt(hq)} | {fmt(modes)} "
                          f"| {fmt([r['reverse_kl'] for r in rows], 3)} | {', '.join(f'{v:.1f}' for v in hq) or '–'} "
                          f"| {', '.join(f'{v:.1f}' for v in modes) or '–'} |")
+    lines += ["", "Configs (`mog_topk.py --setup <config>`), change from base: " +
+              "; ".join(f"{c}: {d}" for c, d in CONFIGS.items()) + "."]
     chosen, distances = decide(out_root, seeds, iterations)
     lines += ["", f"Decision rule (pre-registered): the config whose 25-mode GAN row is closest to the paper's GAN row "
                   f"(HQ {PAPER_GAN_25[0]}, modes {PAPER_GAN_25[1]}): mean over seeds of |HQ - {PAPER_GAN_25[0]}| + "

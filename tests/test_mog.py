@@ -195,6 +195,41 @@ def test_update_direction_analysis(short_run, tmp_path):
     assert result["topk"]["mean_cos_all"] == pytest.approx(saved["topk"]["mean_cos_all"])
 
 
+def test_update_direction_several_checkpoints_write_a_summary(short_run, tmp_path):
+    ckpts = [str(short_run / "checkpoints" / f"step_{s:07d}.pt") for s in (25, 50)]
+    results = mog_update_direction.main(["--checkpoint", *ckpts, "--batch-size", "400", "--k", "100",
+                                         "--out", str(tmp_path)])
+    assert [r["step"] for r in results] == [25, 50]
+    for r in results:
+        stem = f"{short_run.name}_it{r['step']:07d}"
+        assert json.loads((tmp_path / f"{stem}.json").read_text())["paired_p_all"] == r["paired_p_all"]
+        assert (tmp_path / f"{stem}.png").is_file()
+        assert r["paired_p_all"] is None or 0.0 <= r["paired_p_all"] <= 1.0
+    summary = (tmp_path / "summary.md").read_text()
+    table_rows = [l for l in summary.splitlines() if l.startswith(f"| {short_run.name} |")]
+    assert len(table_rows) == 2
+    ahead = sum(r["topk"]["mean_cos_all"] > r["bottomk"]["mean_cos_all"] for r in results)
+    assert f"all samples: {ahead} of 2" in summary
+
+
+def test_paired_p_matches_a_hand_computed_t_test():
+    a = np.array([0.3, 0.1, 0.4, 0.2])
+    b = np.array([0.1, 0.0, 0.1, 0.1])
+    d = a - b
+    t = d.mean() / (d.std(ddof=1) / np.sqrt(len(d)))
+    from scipy import stats
+    assert mog_update_direction.paired_p(a, b) == pytest.approx(2 * stats.t.sf(abs(t), df=len(d) - 1))
+    assert mog_update_direction.paired_p(a, a) is None  # identical steps: nothing to test
+
+
+def test_update_direction_refuses_several_checkpoints_without_out(short_run):
+    ckpt = str(short_run / "checkpoints" / "step_0000025.pt")
+    with pytest.raises(common.UserError, match="--out"):
+        mog_update_direction.parse_args(["--checkpoint", ckpt, ckpt])
+    with pytest.raises(common.UserError, match="no such file"):
+        mog_update_direction.parse_args(["--checkpoint", ckpt + ".missing"])
+
+
 def test_direction_stats_on_hand_made_points():
     centers = np.array([[0.0, 0.0], [2.0, 0.0]])
     before = np.array([[0.5, 0.0], [2.0, 0.3]])
@@ -202,6 +237,50 @@ def test_direction_stats_on_hand_made_points():
     cos, dist = mog_update_direction.direction_stats(before, after, centers, std=0.05)
     np.testing.assert_allclose(cos, [1.0, -1.0])
     np.testing.assert_allclose(dist, [10.0, 6.0])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# --setup (the setups of the MoG setup study)
+# ---------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", sorted(mog_topk.SETUPS))
+def test_setup_fills_only_the_settings_not_given(name):
+    want = mog_topk.SETUPS[name]
+    a = mog_topk.parse_args(["--setup", name, "--topk"])
+    assert (a.grid_spacing, a.hidden_layers, a.beta1, a.beta2, a.iters_per_epoch) == \
+        (want["grid_spacing"], want["hidden_layers"], want["beta1"], want["beta2"], want["iters_per_epoch"])
+    assert a.mu == int(256 * want["mu_fraction"])
+    b = mog_topk.parse_args(["--setup", name, "--topk", "--grid-spacing", "3", "--hidden-layers", "2", "--beta1", "0",
+                             "--beta2", "0.9", "--iters-per-epoch", "7", "--mu", "5"])
+    assert (b.grid_spacing, b.hidden_layers, b.beta1, b.beta2, b.iters_per_epoch, b.mu) == (3.0, 2, 0.0, 0.9, 7, 5)
+    # without --topk the k schedule is unused: every setup keeps base's inert values, so GAN runs of setups that
+    # differ only in the k schedule have equal arguments
+    g = mog_topk.parse_args(["--setup", name])
+    assert (g.iters_per_epoch, g.mu) == (500, 128) and g.grid_spacing == want["grid_spacing"]
+
+
+def test_default_setup_is_the_studys_choice_and_unknown_setups_are_refused(capsys):
+    assert mog_topk.parse_args([]).setup == mog_topk.DEFAULT_SETUP
+    with pytest.raises(SystemExit):
+        mog_topk.parse_args(["--setup", "nope"])
+    assert "--setup" in capsys.readouterr().err
+
+
+def test_resume_of_a_checkpoint_made_before_setup_existed(short_run, tmp_path):
+    # Runs of the study started before --setup existed: their args carry no "setup" but the same resolved values.
+    import shutil
+    run = tmp_path / short_run.name
+    shutil.copytree(short_run, run, ignore=shutil.ignore_patterns("run.lock"))
+    state = common.load_checkpoint(run / "checkpoints" / "step_0000025.pt")
+    del state["args"]["setup"]
+    torch.save(state, run / "checkpoints" / "last.pt")
+    flags = [*TINY, "--n-modes", "25", "--iterations", "50", "--topk", "--mu", "10", "--gamma", "0.5",
+             "--iters-per-epoch", "10", "--log-every", "10", "--eval-every", "25", "--save-every", "25",
+             "--resume", str(run / "checkpoints" / "last.pt")]
+    mog_topk.main(flags)
+    assert json.loads((run / "summary.json").read_text())["step"] == 50
+    # a setup that resolves to other values is still refused
+    with pytest.raises(common.UserError, match="hidden-layers"):
+        mog_topk.main(flags + ["--setup", "depth4"])
 
 
 # ---------------------------------------------------------------------------------------------------------------

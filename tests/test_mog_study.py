@@ -13,6 +13,8 @@ from scipy import stats
 
 from conftest import REPO, assert_one_line_error
 
+import mog_topk
+
 spec = importlib.util.spec_from_file_location("mog_table1", REPO / "sweeps" / "mog_table1.py")
 sweep = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(sweep)
@@ -30,15 +32,31 @@ def fake_run(out_root, config, variant, seed, hq, modes, rkl=0.5):
 
 
 def test_config_flags_and_the_shared_gan_run(tmp_path):
-    assert sweep.config_flags("slowk", "gan") == []  # the k schedule does not exist without --topk
-    assert sweep.config_flags("slowk", "topk") == ["--iters-per-epoch", "2000", "--mu", "192"]
+    assert sweep.config_flags("slowk", "gan") == ["--setup", "base"]  # the k schedule does not exist without --topk
+    assert sweep.config_flags("slowk", "topk") == ["--setup", "slowk"]
     assert sweep.cell_folder(tmp_path, "slowk", "gan") == tmp_path / "base"
     assert sweep.cell_folder(tmp_path, "slowk", "topk") == tmp_path / "slowk"
     assert sweep.cell_folder(tmp_path, "all", "gan") == tmp_path / "all"
-    all_flags = sweep.config_flags("all", "topk")
-    for config in ("spacing1", "depth4", "slowk", "betas"):
-        for flag in sweep.config_flags(config, "topk"):
-            assert flag in all_flags, (config, flag)
+    assert list(sweep.CONFIGS) == list(mog_topk.SETUPS)
+
+
+# The flags each config stood for when the study started (its change from the pre-study defaults of mog_topk.py).
+PRE_STUDY = ["--grid-spacing", "2", "--hidden-layers", "3", "--beta1", "0.5", "--beta2", "0.999"]
+CHANGES = {"base": ([], []), "spacing1": (["--grid-spacing", "1"], []), "depth4": (["--hidden-layers", "4"], []),
+           "slowk": ([], ["--iters-per-epoch", "2000", "--mu", "192"]), "betas": (["--beta1", "0.9", "--beta2", "0.99"], []),
+           "all": (["--grid-spacing", "1", "--hidden-layers", "4", "--beta1", "0.9", "--beta2", "0.99"],
+                   ["--iters-per-epoch", "2000", "--mu", "192"])}
+
+
+@pytest.mark.parametrize("config", list(CHANGES))
+@pytest.mark.parametrize("variant", ["gan", "topk"])
+def test_setup_flag_resolves_to_the_flags_the_study_started_with(config, variant):
+    # The runs made before --setup existed recorded these resolved values in args.json; a sweep compares them.
+    topk_flags = ["--topk"] if variant == "topk" else []
+    common_changes, topk_changes = CHANGES[config]
+    old = vars(mog_topk.parse_args(PRE_STUDY + topk_flags + common_changes + (topk_changes if variant == "topk" else [])))
+    new = vars(mog_topk.parse_args(sweep.config_flags(config, variant) + topk_flags))
+    assert {k: v for k, v in new.items() if k != "setup"} == {k: v for k, v in old.items() if k != "setup"}
 
 
 def test_decision_rule_uses_only_the_gan_rows(tmp_path):
@@ -83,9 +101,9 @@ def test_study_report_and_picture(tmp_path):
         for seed, (hq, modes) in enumerate(values, start=1):
             fake_run(tmp_path, config, variant, seed, hq, modes)
     text = sweep.study_report(tmp_path, [1, 2], ITER)
-    assert "| base | `–` | gan | 2 | 92.5 ± 0.7 | 72.5 ± 3.5 |" in text
-    assert "| slowk | `–` | gan (= base) | 2 | 92.5 ± 0.7 |" in text
-    assert "| spacing1 | `--grid-spacing 1` | topk | 2 | 91.5 ± 0.7 | 100.0 ± 0.0 |" in text
+    assert "| base | `--setup base` | gan | 2 | 92.5 ± 0.7 | 72.5 ± 3.5 |" in text
+    assert "| slowk | `--setup base` | gan (= base) | 2 | 92.5 ± 0.7 |" in text
+    assert "| spacing1 | `--setup spacing1` | topk | 2 | 91.5 ± 0.7 | 100.0 ± 0.0 |" in text
     p = stats.ttest_ind([70, 66], [93, 92], equal_var=False).pvalue
     assert f"| base | -24.5 | {p:.3f} |" in text
     assert "Chosen: – (GAN cells of the study still missing)" in text
