@@ -4,33 +4,47 @@ Paper: Samarth Sinha, Zhengli Zhao, Anirudh Goyal, Colin Raffel, Augustus Odena,
        "Top-k Training of GANs: Improving GAN Performance by Throwing Away Bad Samples", NeurIPS 2020
        (arXiv:2002.06224). Table 1: 25 / 64 / 100 modes, 50k iterations, % high-quality samples and % modes.
 
-Example (the paper's 25-mode top-k cell, about 10-15 minutes on one CPU core):
-    python mog_topk.py --n-modes 25 --topk --iterations 50000 --seed 1
+Example (the paper's 25-mode top-k cell in the default setup, about 20 minutes on one CPU core):
+    python mog_topk.py --n-modes 25 --topk --seed 1
+    python mog_topk.py --n-modes 25 --topk --setup base      # the setup used before the study
+
+Setup. The paper fixes only: G and D are "4-layer MLPs with 256 hidden units", 50k iterations, "high quality" =
+within 4 sigma of the nearest mode, a mode is recovered when it has at least one high-quality sample. The rest is a
+choice, and it matters (README, "MoG setup study"). `--setup` picks one of the study's setups (SETUPS); a flag given
+explicitly overrides its entry:
+  * `all` (the default): grid spacing 1, 4 hidden layers, Adam betas (0.9, 0.99), k schedule epoch = 2,000
+    iterations with floor mu = 0.75 B. These are the settings of the public JAX reproduction romina-a/JAX-GAN
+    (commit ec98564). Chosen by the study's pre-registered rule: its GAN baseline is the closest to the paper's GAN
+    row (top-k's numbers did not take part in the choice).
+  * `base`: grid spacing 2 (PacGAN's 25-mode grid), 3 hidden layers, betas (0.5, 0.999) (DCGAN), epoch = 500
+    iterations, mu = B/2: this script's setup before the study.
+  * `spacing1`, `depth4`, `slowk`, `betas`: base with one of the four changes.
+The k schedule entries apply with --topk only (without it k is not used and every setup records base's values).
 
 Data. `--n-modes` (a perfect square: 25, 64, 100 in the paper) isotropic Gaussians with std `--std` 0.05 on a square
-grid with spacing `--grid-spacing` 2.0 centred on the origin (the 5x5 grid with centres at {-4,-2,0,2,4}^2 used by
-VEEGAN and PacGAN; `metrics.grid_centers`). Every batch is drawn on the device: a uniform mode index plus
-std * N(0, I). There is no fixed data set, so "an epoch" is defined by `--iters-per-epoch` (below).
+grid with spacing `--grid-spacing` centred on the origin (`metrics.grid_centers`: spacing 1 puts the 25 centres at
+{-2,...,2}^2 as in JAX-GAN; spacing 2 at {-4,-2,0,2,4}^2 as in PacGAN). Every batch is drawn on the device: a
+uniform mode index plus std * N(0, I). There is no fixed data set, so "an epoch" is defined by `--iters-per-epoch`.
 
-Models (details the paper leaves open, chosen as in the public VEEGAN/PacGAN-style reproductions):
-  * G: z ~ N(0, I) of dimension `--latent-dim` 2 -> Linear 256 -> ReLU -> Linear 256 -> ReLU -> Linear 256 -> ReLU
-    -> Linear 2 (four linear layers, linear output: the data are unbounded). With `--vbn` every hidden Linear is
-    followed by VirtualBatchNorm (reference batch: one fixed batch of latent vectors drawn at the start).
-  * D: x (2) -> Linear 256 -> ReLU -> Linear 256 -> ReLU -> Linear 256 -> ReLU -> [minibatch discrimination]
-    -> Linear 1 (a raw logit). The last hidden layer (256 units, after ReLU) is the feature layer of
-    `--feature-matching`; minibatch discrimination (`--minibatch-disc`) sits between it and the output layer.
+Models (details the paper leaves open; ReLU in both nets as in JAX-GAN):
+  * G: z ~ N(0, I) of dimension `--latent-dim` 2 -> `--hidden-layers` x (Linear 256 -> ReLU) -> Linear 2 (linear
+    output: the data are unbounded). With `--vbn` every hidden Linear is followed by VirtualBatchNorm (reference
+    batch: one fixed batch of latent vectors drawn at the start). "4-layer MLP" is read two ways: 4 hidden layers
+    (JAX-GAN; setup all) or 4 linear layers counting the output (3 hidden; setup base).
+  * D: x (2) -> `--hidden-layers` x (Linear 256 -> ReLU) -> [minibatch discrimination] -> Linear 1 (a raw logit).
+    The last hidden layer (256 units, after ReLU) is the feature layer of `--feature-matching`; minibatch
+    discrimination (`--minibatch-disc`) sits between it and the output layer.
   * PyTorch's default Linear initialisation.
   * Loss: non-saturating GAN loss (D: BCE on real=1 / fake=0; G: -log D(G(z))) on logits (softplus form).
-  * Adam, lr 1e-4 for both nets, betas (0.5, 0.999) (the DCGAN setting used by most MoG reproductions); batch 256;
-    one D step then one G step per iteration; the G step draws fresh latent vectors (Goodfellow et al. 2014,
-    Algorithm 1), it does not reuse the D step's fakes.
+  * Adam, lr 1e-4 for both nets, betas from the setup; batch 256; one D step then one G step per iteration; the G
+    step draws fresh latent vectors (Goodfellow et al. 2014, Algorithm 1), it does not reuse the D step's fakes.
 
 Top-k (CONVENTIONS.md). The D update is never changed. In the G update every fake is scored by D's raw logit and
 the generator loss is computed on the k highest-scored fakes only (`--bottomk`: the k lowest, for analysis);
-k = max(mu, floor(B * gamma^epoch)), mu defaults to B/2, gamma to 0.99. Epoch = `--iters-per-epoch` 500
-iterations: with B = 256 and gamma = 0.99, k leaves 256 after the first epoch and reaches its floor 128 at epoch 69
-(iteration 34,500), so the last third of a 50k run trains at k = mu. (With 1000 iterations per epoch k would only
-fall to 154 within 50k iterations and never reach mu.)
+k = max(mu, floor(B * gamma^epoch)), gamma 0.99, epoch = iteration // `--iters-per-epoch`. With B = 256: in setup
+`all` (epoch 2,000 iterations, mu 192) k falls from 256 to 201 by iteration 50k and would reach its floor 192 only
+at iteration 58,000 (JAX-GAN trains 100k iterations); in setup `base` (epoch 500, mu 128) k reaches its floor at
+iteration 34,500, so the last third of a 50k run trains at k = mu.
 
 Improved-GAN techniques (Salimans et al. 2016), all combinable with `--topk`: `--feature-matching` (G loss =
 mean over features of (E f(real) - E f(fake_topk))^2 on D's last hidden layer, with a fresh real batch, as in
@@ -53,9 +67,11 @@ Speed (same maths as a textbook loop, measured by benchmarks/bench_mog.py). Two 
     parameters are frozen during the G step so no weight gradient of D is computed; fused Adam.
   * `FastStep` (default otherwise, `--no-fast-step` to use train_step): the same iteration with hand-written
     back-propagation of the two MLPs into buffers allocated once (class MLPBackprop); equal to train_step to float
-    rounding (tests/test_mog.py). On a CPU the step is then almost only its 24 matrix products of 256x256 size.
+    rounding (tests/test_mog.py). On a CPU the step is then almost only its matrix products of 256x256 size (24
+    with 3 hidden layers, 36 with 4).
 Both keep the losses in a tensor buffer and read (and check for NaN/inf) them once every `--log-every` steps instead
-of calling .item() every step. Table 1's runs in the README were made with train_step (they predate FastStep).
+of calling .item() every step. The README's pre-study Table 1 (setup base) was made with train_step (it predates
+FastStep); the study's runs with FastStep.
 """
 
 from __future__ import annotations
@@ -87,7 +103,7 @@ SETUPS = {
     "betas": dict(grid_spacing=2.0, hidden_layers=3, beta1=0.9, beta2=0.99, iters_per_epoch=500, mu_fraction=0.5),
     "all": dict(grid_spacing=1.0, hidden_layers=4, beta1=0.9, beta2=0.99, iters_per_epoch=2000, mu_fraction=0.75),
 }
-DEFAULT_SETUP = "base"
+DEFAULT_SETUP = "all"  # chosen by the study's pre-registered rule (README, "MoG setup study")
 TOPK_ONLY = ("iters_per_epoch", "mu_fraction")
 
 

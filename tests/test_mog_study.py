@@ -42,6 +42,7 @@ def test_config_flags_and_the_shared_gan_run(tmp_path):
 
 # The flags each config stood for when the study started (its change from the pre-study defaults of mog_topk.py).
 PRE_STUDY = ["--grid-spacing", "2", "--hidden-layers", "3", "--beta1", "0.5", "--beta2", "0.999"]
+PRE_STUDY_TOPK = ["--iters-per-epoch", "500", "--mu", "128"]  # later flags (a config's changes) override these
 CHANGES = {"base": ([], []), "spacing1": (["--grid-spacing", "1"], []), "depth4": (["--hidden-layers", "4"], []),
            "slowk": ([], ["--iters-per-epoch", "2000", "--mu", "192"]), "betas": (["--beta1", "0.9", "--beta2", "0.99"], []),
            "all": (["--grid-spacing", "1", "--hidden-layers", "4", "--beta1", "0.9", "--beta2", "0.99"],
@@ -54,7 +55,8 @@ def test_setup_flag_resolves_to_the_flags_the_study_started_with(config, variant
     # The runs made before --setup existed recorded these resolved values in args.json; a sweep compares them.
     topk_flags = ["--topk"] if variant == "topk" else []
     common_changes, topk_changes = CHANGES[config]
-    old = vars(mog_topk.parse_args(PRE_STUDY + topk_flags + common_changes + (topk_changes if variant == "topk" else [])))
+    pre_study = PRE_STUDY + (PRE_STUDY_TOPK + topk_flags if variant == "topk" else [])
+    old = vars(mog_topk.parse_args(pre_study + common_changes + (topk_changes if variant == "topk" else [])))
     new = vars(mog_topk.parse_args(sweep.config_flags(config, variant) + topk_flags))
     assert {k: v for k, v in new.items() if k != "setup"} == {k: v for k, v in old.items() if k != "setup"}
 
