@@ -602,6 +602,9 @@ def main(argv=None):
     logger = common.MetricsLogger(run_dir, track=args.track)
     logger.truncate_after(step)
     print(f"run folder: {run_dir}", flush=True)
+    print(f"setup {args.setup} (flags given override it): {args.n_modes} modes, grid spacing {args.grid_spacing:g}, "
+          f"{args.hidden_layers} hidden layers of {args.hidden_dim}, Adam betas ({args.beta1:g}, {args.beta2:g})"
+          + (f"; top-k epoch {args.iters_per_epoch} iterations, k floor {args.mu}" if args.topk else ""), flush=True)
     print(f"training step: {'FastStep (hand-written backprop)' if fast_step else 'train_step (autograd)'}", flush=True)
 
     def checkpoint_state(step_, k_):
