@@ -190,6 +190,13 @@ def in_progress(out_root: Path, config, modes_list, variants, seeds, iterations)
     return rows
 
 
+def fmt_seeds(values, digits=1):
+    """fmt(values) followed by the per-seed values in brackets when there are several."""
+    if len(values) < 2:
+        return fmt(values, digits)
+    return f"{fmt(values, digits)} ({', '.join(f'{v:.{digits}f}' for v in values)})"
+
+
 def fmt(values, digits=1):
     """Mean ± sample std of `values` with `digits` decimals; the value alone for one seed, – for none."""
     if not values:
@@ -217,11 +224,19 @@ def report(out_root: Path, config, modes_list, variants, seeds, iterations) -> s
             seeds_done = ",".join(str(r["seed"]) for r in rows)
             lines.append(
                 f"| {modes} | {variant} | {len(rows)}{f' (seeds {seeds_done})' if rows else ''} "
-                f"| {fmt([100 * r['high_quality'] for r in rows])} | {paper[0] if paper else '–'} "
-                f"| {fmt([100 * r['modes_recovered'] for r in rows])} | {paper[1] if paper else '–'} "
+                f"| {fmt_seeds([100 * r['high_quality'] for r in rows])} | {paper[0] if paper else '–'} "
+                f"| {fmt_seeds([100 * r['modes_recovered'] for r in rows])} | {paper[1] if paper else '–'} "
                 f"| {fmt([r['reverse_kl'] for r in rows], 3)} | {f'{wall:.0f}' if wall else '–'} |")
-    lines += ["", "Paper: Sinha et al. 2020, Table 1 (no error bars given; no bottom-k row). s/run: mean wall time of "
-              "one run's training loop on this machine."]
+    lines += ["", "Paper: Sinha et al. 2020, Table 1 (no error bars given; no bottom-k row). Per-seed values in brackets, "
+              "in seed order. s/run: mean wall time of one run's training loop on this machine."]
+    if "gan" in variants and len(variants) > 1:
+        lines += ["", f"Against the GAN row of the same grid, two-sided Welch t-test over seeds ({VERSUS_HEADER[0]}):", "",
+                  "| modes | variant | " + VERSUS_HEADER[1], "|---|---|---|---|---|---|---|---|"]
+        for modes in modes_list:
+            gan = finished(out_root, config, modes, "gan", seeds, iterations)
+            for variant in (v for v in variants if v != "gan"):
+                other = finished(out_root, config, modes, variant, seeds, iterations)
+                lines.append(f"| {modes} | {variant} | " + " | ".join(versus(other, gan)) + " |")
     partial = in_progress(out_root, config, modes_list, variants, seeds, iterations)
     if partial:
         lines += ["", "Unfinished runs (latest evaluation in metrics.jsonl; not in the table above):", "",
@@ -270,6 +285,25 @@ def welch(a: list[float], b: list[float]) -> str:
         return f"{stats.ttest_ind(a, b, equal_var=False).pvalue:.3f}"
 
 
+VERSUS_HEADER = ("p-values; variant minus GAN: HQ and modes in percentage points, reverse KL in nats",
+                 "ΔHQ | p (HQ) | Δmodes | p (modes) | Δreverse KL | p (reverse KL) |")
+
+
+def versus(rows: list[dict], gan_rows: list[dict]) -> list[str]:
+    """Differences of the means (rows minus gan_rows) and Welch p-values of HQ %, modes % and reverse KL, as the
+    six cells of a VERSUS_HEADER row, over the seeds both sides have finished ('–' where there is none)."""
+    common_seeds = {r["seed"] for r in rows} & {r["seed"] for r in gan_rows}
+    rows = [r for r in rows if r["seed"] in common_seeds]
+    gan_rows = [r for r in gan_rows if r["seed"] in common_seeds]
+    if not rows:
+        return ["–"] * 6
+    cells = []
+    for key, scale, digits in (("high_quality", 100, 1), ("modes_recovered", 100, 1), ("reverse_kl", 1, 3)):
+        a, b = [scale * r[key] for r in rows], [scale * r[key] for r in gan_rows]
+        cells += [f"{statistics.mean(a) - statistics.mean(b):+.{digits}f}", welch(a, b)]
+    return cells
+
+
 def study_report(out_root: Path, seeds, iterations) -> str:
     """The study table (config x variant, mean ± std and per seed), the decision, Welch tests; writes study.md."""
     lines = [f"MoG setup study: 25 modes, {iterations} iterations, seeds {list(seeds)} "
@@ -298,17 +332,10 @@ def study_report(out_root: Path, seeds, iterations) -> str:
               "| config | distance |", "|---|---|"]
     lines += [f"| {c} | {'–' if d is None else f'{d:.1f}'} |" for c, d in distances.items()]
     lines += ["", f"Chosen: **{chosen}**" if chosen else "Chosen: – (GAN cells of the study still missing)", "",
-              "Top-k vs GAN, two-sided Welch t-test over seeds (p-values; top-k minus GAN in percentage points):", "",
-              "| config | ΔHQ | p (HQ) | Δmodes | p (modes) |", "|---|---|---|---|---|"]
+              f"Top-k vs GAN, two-sided Welch t-test over seeds ({VERSUS_HEADER[0]}):", "",
+              "| config | " + VERSUS_HEADER[1], "|---|---|---|---|---|---|---|"]
     for config in CONFIGS:
-        gan, topk = metric_rows[config, "gan"], metric_rows[config, "topk"]
-        if not gan or not topk:
-            lines.append(f"| {config} | – | – | – | – |")
-            continue
-        cells = []
-        for key in ("high_quality", "modes_recovered"):
-            a, b = [100 * r[key] for r in topk], [100 * r[key] for r in gan]
-            cells += [f"{statistics.mean(a) - statistics.mean(b):+.1f}", welch(a, b)]
+        cells = versus(metric_rows[config, "topk"], metric_rows[config, "gan"])
         lines.append(f"| {config} | " + " | ".join(cells) + " |")
     text = "\n".join(lines) + "\n"
     out_root.mkdir(parents=True, exist_ok=True)

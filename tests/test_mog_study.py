@@ -101,13 +101,15 @@ def test_study_report_and_picture(tmp_path):
             ("spacing1", "gan"): [(97, 84), (96, 88)], ("spacing1", "topk"): [(91, 100), (92, 100)]}
     for (config, variant), values in rows.items():
         for seed, (hq, modes) in enumerate(values, start=1):
-            fake_run(tmp_path, config, variant, seed, hq, modes)
+            fake_run(tmp_path, config, variant, seed, hq, modes, rkl=0.1 * seed if variant == "topk" else 0.5 + 0.1 * seed)
     text = sweep.study_report(tmp_path, [1, 2], ITER)
     assert "| base | `--setup base` | gan | 2 | 92.5 ± 0.7 | 72.5 ± 3.5 |" in text
     assert "| slowk | `--setup base` | gan (= base) | 2 | 92.5 ± 0.7 |" in text
     assert "| spacing1 | `--setup spacing1` | topk | 2 | 91.5 ± 0.7 | 100.0 ± 0.0 |" in text
     p = stats.ttest_ind([70, 66], [93, 92], equal_var=False).pvalue
-    assert f"| base | -24.5 | {p:.3f} |" in text
+    p_modes = stats.ttest_ind([95, 90], [70, 75], equal_var=False).pvalue
+    p_rkl = stats.ttest_ind([0.1, 0.2], [0.6, 0.7], equal_var=False).pvalue
+    assert f"| base | -24.5 | {p:.3f} | +20.0 | {p_modes:.3f} | -0.500 | {p_rkl:.3f} |" in text
     assert "Chosen: – (GAN cells of the study still missing)" in text
     assert (tmp_path / "study.md").read_text() == text
     with Image.open(tmp_path / "study.png") as img:
@@ -115,6 +117,21 @@ def test_study_report_and_picture(tmp_path):
         # the spacing1 colour appears (its markers and arrow were drawn)
         colours = {colour for _, colour in img.convert("RGB").getcolors(maxcolors=1 << 20)}
         assert sweep.COLOURS["spacing1"] in colours
+
+
+def test_table1_report_has_per_seed_values_and_welch_against_the_gan_row(tmp_path):
+    for seed, (g, t) in enumerate([((96, 100), (92, 100)), ((95, 96), (90, 100)), ((97, 100), (91, 100))], start=1):
+        fake_run(tmp_path, "all", "gan", seed, *g, rkl=0.5 + 0.01 * seed)
+        fake_run(tmp_path, "all", "topk", seed, *t, rkl=0.1 * seed)
+    fake_run(tmp_path, "all", "bottomk", 2, 99, 50)  # one seed: a difference but no test
+    text = sweep.report(tmp_path, "all", [25], ["gan", "topk", "bottomk"], [1, 2, 3], ITER)
+    assert "| 25 | topk | 3 (seeds 1,2,3) | 91.0 ± 1.0 (92.0, 90.0, 91.0) | 95.5 | 100.0 ± 0.0 (100.0, 100.0, 100.0) |" in text
+    p_hq = stats.ttest_ind([92, 90, 91], [96, 95, 97], equal_var=False).pvalue
+    p_rkl = stats.ttest_ind([0.1, 0.2, 0.3], [0.51, 0.52, 0.53], equal_var=False).pvalue
+    assert f"| 25 | topk | -5.0 | {p_hq:.3f} | +1.3 | " in text and f"| -0.320 | {p_rkl:.3f} |" in text
+    # bottom-k is compared with the GAN run of its own seed only (seed 2: HQ 99 vs 95, modes 50 vs 96)
+    assert "| 25 | bottomk | +4.0 | – | -46.0 | – | -0.020 | – |" in text
+    assert (tmp_path / "all" / "table1.md").read_text() == text
 
 
 def test_one_real_cell_gets_its_config_flags_and_one_thread(tmp_path):
