@@ -250,11 +250,14 @@ def summary_markdown(results: list[dict]) -> str:
         pairs = [(r["topk"]["all"][i]["mean_cos"], r["bottomk"]["all"][i]["mean_cos"]) for r in results]
         pairs = [(t, b) for t, b in pairs if t is not None and b is not None]
         ahead.append(f"{name}σ: {sum(t > b for t, b in pairs)} of {len(pairs)}")
-    overall = sum(r["topk"]["mean_cos_all"] > r["bottomk"]["mean_cos_all"] for r in results)
-    significant = sum(r["paired_p_all"] is not None and r["paired_p_all"] < 0.05
-                      and r["topk"]["mean_cos_all"] > r["bottomk"]["mean_cos_all"] for r in results)
+    def count(sign: int):  # checkpoints where sign * (top-k - bottom-k) > 0 over all samples, and how many at p < 0.05
+        rows = [r for r in results if sign * (r["topk"]["mean_cos_all"] - r["bottomk"]["mean_cos_all"]) > 0]
+        return len(rows), sum(r["paired_p_all"] is not None and r["paired_p_all"] < 0.05 for r in rows)
+
+    (top, top_sig), (bottom, bottom_sig) = count(+1), count(-1)
     lines += ["", "Top-k step ahead of the bottom-k step (checkpoints): " + ", ".join(ahead) +
-              f"; all samples: {overall} of {len(results)} ({significant} of them with paired p < 0.05)."]
+              f"; all samples: {top} of {len(results)} ({top_sig} of them with paired p < 0.05). Bottom-k step ahead "
+              f"over all samples: {bottom} of {len(results)} ({bottom_sig} with paired p < 0.05)."]
     return "\n".join(lines) + "\n"
 
 

@@ -210,7 +210,8 @@ def test_update_direction_several_checkpoints_write_a_summary(short_run, tmp_pat
     table_rows = [l for l in summary.splitlines() if l.startswith(f"| {short_run.name} |")]
     assert len(table_rows) == 2
     ahead = sum(r["topk"]["mean_cos_all"] > r["bottomk"]["mean_cos_all"] for r in results)
-    assert f"all samples: {ahead} of 2" in summary
+    behind = sum(r["topk"]["mean_cos_all"] < r["bottomk"]["mean_cos_all"] for r in results)
+    assert f"all samples: {ahead} of 2" in summary and f"Bottom-k step ahead over all samples: {behind} of 2" in summary
 
 
 def test_paired_p_matches_a_hand_computed_t_test():
