@@ -1,7 +1,9 @@
 """Iterations/s of mog_topk.py's training step beside a straightforward PyTorch loop of the same GAN.
 
-Both loops train the same models (mog_topk.Generator / Discriminator, 4 linear layers of 256 units, batch 256,
-latent 2, Adam 1e-4 (0.5, 0.999), non-saturating loss, 25 modes) from the same initial weights on the same batches,
+Both loops train the same models (mog_topk.Generator / Discriminator with 256 hidden units, batch 256, latent 2,
+Adam lr 1e-4, non-saturating loss, 25 modes) in one of mog_topk.py's setups (`--setup`, default the script's default
+`all`: 4 hidden layers, betas (0.9, 0.99), grid spacing 1; `base`: 3 hidden layers, betas (0.5, 0.999), spacing 2)
+from the same initial weights on the same batches,
 each timed in its own fresh Python process (so neither inherits the other's allocator state), alternating in several
 repeats so that a load change on a shared machine hits both; the medians are compared.
 
@@ -13,14 +15,20 @@ repeats so that a load change on a shared machine hits both; the medians are com
     .item()).
   * "fast_step": mog_topk.FastStep, the script's default step for Table 1's configuration: train_step's maths with
     hand-written back-propagation into preallocated buffers.
+  * "gemm_floor": not a training loop: only the 256x256-weight matrix products of one fast_step iteration
+    (`floor_products`). Every exact implementation of the iteration does them, so straightforward / gemm_floor is the
+    largest speed-up any rewrite of the step can reach at this machine's matrix-product speed (printed as "bound").
 
-The three compute the same function: `--check` also runs them from identical weights for a few steps and prints
-the largest difference of G's parameters from the straightforward loop's (float rounding only).
+The three loops compute the same function: `--check` also runs them from identical weights for 20 steps, in
+float32 and in float64, and prints the largest difference of G's parameters from the straightforward loop's. In
+float32 Adam's normalisation magnifies rounding where gradients are tiny (1e-5 with betas (0.9, 0.99)); in float64
+the loops agree to ~1e-16, so the difference is rounding, not maths.
 
 Usage:
-    python benchmarks/bench_mog.py --threads 2 --steps 300 --repeats 5 [--topk]
+    python benchmarks/bench_mog.py --threads 1 --steps 300 --repeats 5 [--topk] [--setup base]
+    python benchmarks/bench_mog.py --kinds straightforward fast_step      # only the two loops of the target
 
-The figure the issue's target refers to is the last line: fast_step / straightforward.
+The figure the issue's target refers to is the line "ratio fast_step / straightforward".
 """
 
 from __future__ import annotations
@@ -46,8 +54,12 @@ def parse_args():
     p.add_argument("--steps", type=int, default=300, help="timed iterations per repeat and loop")
     p.add_argument("--warmup", type=int, default=30, help="untimed iterations before each timed block")
     p.add_argument("--repeats", type=int, default=5, help="alternating repeats of both loops")
+    p.add_argument("--setup", choices=sorted(mog_topk.SETUPS), default=mog_topk.DEFAULT_SETUP,
+                   help="mog_topk.py setup whose hidden layers, Adam betas and grid spacing both loops use")
     p.add_argument("--topk", action=argparse.BooleanOptionalAction, default=False,
-                   help="benchmark with k = B/2 (the top-k floor) instead of k = B")
+                   help="benchmark with k = the setup's floor of k (192 in all, 128 in base) instead of k = B")
+    p.add_argument("--kinds", nargs="+", choices=KINDS, default=list(KINDS),
+                   help="loops to time (straightforward is always included: the ratios are against it)")
     p.add_argument("--check", action=argparse.BooleanOptionalAction, default=True,
                    help="first check that both loops give the same weights after a few steps")
     p.add_argument("--worker", choices=KINDS, default=None,
@@ -76,24 +88,28 @@ def straightforward_step(G, D, opt_g, opt_d, real, z_d, z_g, k, largest=True):
 
 
 B = 256
-KINDS = ("straightforward", "train_step", "fast_step")
+KINDS = ("straightforward", "train_step", "fast_step", "gemm_floor")
+LOOPS = KINDS[:3]  # the kinds that train (gemm_floor only times matrix products)
 NO_TRICKS = argparse.Namespace(bottomk=False, label_smoothing=0.0, feature_matching=False, minibatch_disc=False,
                                hist_avg=0.0)
 
 
-def fresh(kind):
-    """Identical initial G and D (seed 0) with the optimiser each loop uses."""
+def fresh(kind, setup):
+    """Identical initial G and D (seed 0) of the setup with the optimiser each loop uses."""
+    cfg = mog_topk.SETUPS[setup]
     torch.manual_seed(0)
-    G, D = mog_topk.Generator(2, 256), mog_topk.Discriminator(256)
+    G = mog_topk.Generator(2, 256, hidden_layers=cfg["hidden_layers"])
+    D = mog_topk.Discriminator(256, hidden_layers=cfg["hidden_layers"])
     fused = kind != "straightforward"
-    opt_g = torch.optim.Adam(G.parameters(), lr=1e-4, betas=(0.5, 0.999), fused=fused or None)
-    opt_d = torch.optim.Adam(D.parameters(), lr=1e-4, betas=(0.5, 0.999), fused=fused or None)
+    betas = (cfg["beta1"], cfg["beta2"])
+    opt_g = torch.optim.Adam(G.parameters(), lr=1e-4, betas=betas, fused=fused or None)
+    opt_d = torch.optim.Adam(D.parameters(), lr=1e-4, betas=betas, fused=fused or None)
     return G, D, opt_g, opt_d
 
 
-def batches(n, seed):
-    """n (real, z_d, z_g) triples of the 25-mode grid, made before timing."""
-    centers = torch.from_numpy(metrics.grid_centers(25, 2.0)).float()
+def batches(n, seed, setup):
+    """n (real, z_d, z_g) triples of the setup's 25-mode grid, made before timing."""
+    centers = torch.from_numpy(metrics.grid_centers(25, mog_topk.SETUPS[setup]["grid_spacing"])).float()
     gen = torch.Generator().manual_seed(seed)
     return [(mog_topk.sample_real(centers, 0.05, B, gen), torch.randn(B, 2, generator=gen),
              torch.randn(B, 2, generator=gen)) for _ in range(n)]
@@ -111,23 +127,48 @@ def run(kind, nets, data, k):
         for real, z_d, z_g in data:
             out = step(opt_g, opt_d, real, z_d, z_g, k)
         out[0].item()
+    elif kind == "gemm_floor":
+        products = floor_products(len(G.net) // 2)  # G.net: hidden_layers x (Linear, ReLU) + the output Linear
+        for _ in data:
+            for a, b, out in products:
+                torch.mm(a, b, out=out)
     else:
         for real, z_d, z_g in data:
             straightforward_step(G, D, opt_g, opt_d, real, z_d, z_g, k)
+
+
+def floor_products(hidden_layers, width=256):
+    """The 256x256-weight matrix products of one FastStep iteration, as (a, b, out) triples on random data.
+
+    With L hidden layers each net has L - 1 hidden-to-hidden Linear layers. Per iteration: D step: G forward on
+    z_d (B rows), D forward, weight gradients and input gradients on cat(real, fake) (2B rows); G step: G forward,
+    D forward, D input gradients, G weight gradients and G input gradients (B rows). That is 6 (L - 1) products
+    with B rows and 3 (L - 1) with 2B rows, 2 * rows * 256 * 256 flops each. Every exact implementation of the
+    iteration does at least these (the straightforward loop does (L - 1) more: D's weight gradients in the G
+    step); the layers with 1 or 2 units, the elementwise work and Adam come on top. Their time on this machine
+    is therefore a floor under any such step, and straightforward / floor bounds the speed-up any rewrite of the
+    step can reach.
+    """
+    weight = torch.randn(width, width)
+    products = []
+    for rows, count in ((B, 6), (2 * B, 3)):  # one set of operands per shape: they stay in cache, as fast as it gets
+        a, out = torch.randn(rows, width), torch.empty(rows, width)
+        products += [(a, weight, out)] * (count * (hidden_layers - 1))
+    return products
 
 
 def timed_in_subprocess(kind, args):
     """it/s of one loop, measured in a fresh Python process so that neither loop inherits the other's allocator
     state (freed blocks, heap size), which otherwise shifts the result by 10-20 % on CPU."""
     cmd = [sys.executable, __file__, "--worker", kind, "--threads", str(args.threads), "--steps", str(args.steps),
-           "--warmup", str(args.warmup)] + (["--topk"] if args.topk else [])
+           "--warmup", str(args.warmup), "--setup", args.setup] + (["--topk"] if args.topk else [])
     out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
     return float(out.strip().splitlines()[-1])
 
 
 def worker(args, k):
     """Time one loop and print its it/s (last line of stdout)."""
-    nets, data = fresh(args.worker), batches(args.steps + args.warmup, 7)
+    nets, data = fresh(args.worker, args.setup), batches(args.steps + args.warmup, 7, args.setup)
     run(args.worker, nets, data[: args.warmup], k)
     t0 = time.perf_counter()
     run(args.worker, nets, data[args.warmup:], k)
@@ -138,32 +179,41 @@ def main():
     args = parse_args()
     if args.threads > 0:
         torch.set_num_threads(args.threads)
-    k = B // 2 if args.topk else B
+    k = max(1, int(B * mog_topk.SETUPS[args.setup]["mu_fraction"])) if args.topk else B
     if args.worker:
         return worker(args, k)
-    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, batch {B}, k {k}, "
-          f"steps {args.steps} x repeats {args.repeats}, each measurement in a fresh process")
-    if args.check:
-        data = batches(20, 123)
-        nets = {kind: fresh(kind) for kind in KINDS}
-        for kind in KINDS:
-            run(kind, nets[kind], data, k)
-        G_ref = nets["straightforward"][0]
-        scale = max(p.abs().max().item() for p in G_ref.parameters())
-        for kind in KINDS[1:]:
-            diff = max((p - q).abs().max().item() for p, q in zip(G_ref.parameters(), nets[kind][0].parameters()))
-            print(f"check: after 20 identical steps, max |G_straightforward - G_{kind}| = {diff:.3g} "
-                  f"(largest |weight| {scale:.3g})")
+    kinds = [kind for kind in KINDS if kind == "straightforward" or kind in args.kinds]
+    loops = [kind for kind in kinds if kind in LOOPS]
+    layers = mog_topk.SETUPS[args.setup]["hidden_layers"]
+    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, setup {args.setup} ({layers} hidden layers), "
+          f"batch {B}, k {k}, steps {args.steps} x repeats {args.repeats}, each measurement in a fresh process")
+    if args.check:  # in float32 (what is timed) and float64: a difference of rounding shrinks by ~1e-9 there
+        for dtype in (torch.float32, torch.float64):
+            torch.set_default_dtype(dtype)
+            data = [tuple(t.to(dtype) for t in triple) for triple in batches(20, 123, args.setup)]
+            nets = {kind: fresh(kind, args.setup) for kind in loops}
+            for kind in loops:
+                run(kind, nets[kind], data, k)
+            G_ref = nets["straightforward"][0]
+            scale = max(p.abs().max().item() for p in G_ref.parameters())
+            for kind in loops[1:]:
+                diff = max((p - q).abs().max().item() for p, q in zip(G_ref.parameters(), nets[kind][0].parameters()))
+                print(f"check ({str(dtype)[6:]}): after 20 identical steps, max |G_straightforward - G_{kind}| = "
+                      f"{diff:.3g} (largest |weight| {scale:.3g})")
+        torch.set_default_dtype(torch.float32)
 
-    rates = {kind: [] for kind in KINDS}
+    rates = {kind: [] for kind in kinds}
     for rep in range(args.repeats):
-        for kind in KINDS:
+        for kind in kinds:
             rates[kind].append(timed_in_subprocess(kind, args))
-        print(f"repeat {rep + 1}: " + ", ".join(f"{kind} {rates[kind][-1]:.1f} it/s" for kind in KINDS), flush=True)
-    median = {kind: statistics.median(rates[kind]) for kind in KINDS}
-    print("median: " + ", ".join(f"{kind} {median[kind]:.1f} it/s" for kind in KINDS))
-    for kind in KINDS[1:]:
+        print(f"repeat {rep + 1}: " + ", ".join(f"{kind} {rates[kind][-1]:.1f} it/s" for kind in kinds), flush=True)
+    median = {kind: statistics.median(rates[kind]) for kind in kinds}
+    print("median: " + ", ".join(f"{kind} {median[kind]:.1f} it/s" for kind in kinds))
+    for kind in loops[1:]:
         print(f"ratio {kind} / straightforward: {median[kind] / median['straightforward']:.2f}x")
+    if "gemm_floor" in kinds:
+        print(f"bound: straightforward / gemm_floor = {median['gemm_floor'] / median['straightforward']:.2f}x, the "
+              f"most any exact rewrite of the step can reach at this machine's matrix-product speed")
 
 
 if __name__ == "__main__":
