@@ -271,37 +271,95 @@ def decide(out_root: Path, seeds, iterations) -> tuple[str | None, dict]:
     return min(distances, key=distances.get), distances
 
 
-def welch(a: list[float], b: list[float]) -> str:
-    """Two-sided Welch t-test p-value of mean(a) != mean(b), as text ('–' with fewer than 2 values a side)."""
+def welch_p(a: list[float], b: list[float]) -> float | None:
+    """Two-sided Welch t-test p-value of mean(a) != mean(b); None with fewer than 2 values a side."""
     if len(a) < 2 or len(b) < 2:
-        return "–"
+        return None
     import warnings
 
     from scipy import stats  # only the report needs scipy
     if statistics.pstdev(a) == 0 and statistics.pstdev(b) == 0:
-        return "0.000" if statistics.mean(a) != statistics.mean(b) else "1.000"
+        return 0.0 if statistics.mean(a) != statistics.mean(b) else 1.0
     with warnings.catch_warnings():  # one constant side (e.g. modes 100 % on every seed) is fine for Welch
         warnings.simplefilter("ignore", RuntimeWarning)
-        return f"{stats.ttest_ind(a, b, equal_var=False).pvalue:.3f}"
+        return float(stats.ttest_ind(a, b, equal_var=False).pvalue)
+
+
+def fmt_p(p: float | None) -> str:
+    """A p-value as text: 3 decimals, or 2 significant digits below 0.001 (so a small p keeps its magnitude); '–'
+    for None."""
+    if p is None:
+        return "–"
+    return f"{p:.3f}" if p >= 0.001 or p == 0 else f"{p:.1e}"
+
+
+def welch(a: list[float], b: list[float]) -> str:
+    """welch_p as text (fmt_p)."""
+    return fmt_p(welch_p(a, b))
+
+
+def holm(pvalues: dict) -> dict:
+    """Holm-Bonferroni adjusted p-values of a family of tests {label: p}: the i-th smallest of m becomes
+    max over j <= i of min(1, (m - j + 1) p_(j)). Rejecting where adjusted p < alpha keeps the family-wise error
+    rate at alpha."""
+    order = sorted(pvalues, key=pvalues.get)
+    adjusted, running = {}, 0.0
+    for j, label in enumerate(order):
+        running = max(running, min(1.0, (len(order) - j) * pvalues[label]))
+        adjusted[label] = running
+    return adjusted
 
 
 VERSUS_HEADER = ("p-values; variant minus GAN: HQ and modes in percentage points, reverse KL in nats",
                  "ΔHQ | p (HQ) | Δmodes | p (modes) | Δreverse KL | p (reverse KL) |")
+METRICS = (("high_quality", 100, 1, "HQ"), ("modes_recovered", 100, 1, "modes"), ("reverse_kl", 1, 3, "reverse KL"))
 
 
-def versus(rows: list[dict], gan_rows: list[dict]) -> list[str]:
-    """Differences of the means (rows minus gan_rows) and Welch p-values of HQ %, modes % and reverse KL, as the
-    six cells of a VERSUS_HEADER row, over the seeds both sides have finished ('–' where there is none)."""
+def versus_numbers(rows: list[dict], gan_rows: list[dict]) -> list[tuple[float, float | None]] | None:
+    """(difference of the means rows minus gan_rows, Welch p) of HQ %, modes % and reverse KL, over the seeds both
+    sides have finished; None when they share no seed."""
     common_seeds = {r["seed"] for r in rows} & {r["seed"] for r in gan_rows}
     rows = [r for r in rows if r["seed"] in common_seeds]
     gan_rows = [r for r in gan_rows if r["seed"] in common_seeds]
     if not rows:
-        return ["–"] * 6
-    cells = []
-    for key, scale, digits in (("high_quality", 100, 1), ("modes_recovered", 100, 1), ("reverse_kl", 1, 3)):
+        return None
+    out = []
+    for key, scale, _, _ in METRICS:
         a, b = [scale * r[key] for r in rows], [scale * r[key] for r in gan_rows]
-        cells += [f"{statistics.mean(a) - statistics.mean(b):+.{digits}f}", welch(a, b)]
-    return cells
+        out.append((statistics.mean(a) - statistics.mean(b), welch_p(a, b)))
+    return out
+
+
+def versus(rows: list[dict], gan_rows: list[dict]) -> list[str]:
+    """versus_numbers as the six cells of a VERSUS_HEADER row ('–' where there is nothing to compare)."""
+    numbers = versus_numbers(rows, gan_rows)
+    if numbers is None:
+        return ["–"] * 6
+    return [cell for (diff, p), (_, _, digits, _) in zip(numbers, METRICS) for cell in (f"{diff:+.{digits}f}", fmt_p(p))]
+
+
+def across_configs(numbers: dict) -> list[str]:
+    """Lines summarising the per-config tests {config: versus_numbers(...)}: in how many configs top-k's mean is
+    on each side of the GAN's, with a two-sided sign test, and which tests survive Holm-Bonferroni over the family."""
+    from scipy import stats
+
+    done = {config: n for config, n in numbers.items() if n is not None and all(p is not None for _, p in n)}
+    if not done:
+        return []
+    lines = [f"Across the {len(done)} configs with seeds on both sides (direction of top-k minus GAN; two-sided sign "
+             "test, as if the configs were independent):", ""]
+    for i, (_, _, _, name) in enumerate(METRICS):
+        up = sum(n[i][0] > 0 for n in done.values())
+        down = sum(n[i][0] < 0 for n in done.values())
+        p = stats.binomtest(up, up + down).pvalue if up + down else 1.0
+        lines.append(f"- {name}: top-k higher in {up}, lower in {down} of {len(done)} (sign test p = {fmt_p(p)})")
+    family = {(config, name): n[i][1] for config, n in done.items() for i, (_, _, _, name) in enumerate(METRICS)}
+    adjusted = holm(family)
+    kept = [f"{config} {name} (adjusted p = {fmt_p(adjusted[config, name])})"
+            for config, name in sorted(adjusted, key=adjusted.get) if adjusted[config, name] < 0.05]
+    lines += ["", f"Holm-Bonferroni over the {len(family)} Welch tests above (family-wise error 0.05): "
+              + (", ".join(kept) if kept else "none") + " remain significant."]
+    return lines
 
 
 def study_report(out_root: Path, seeds, iterations) -> str:
@@ -337,6 +395,8 @@ def study_report(out_root: Path, seeds, iterations) -> str:
     for config in CONFIGS:
         cells = versus(metric_rows[config, "topk"], metric_rows[config, "gan"])
         lines.append(f"| {config} | " + " | ".join(cells) + " |")
+    summary = across_configs({c: versus_numbers(metric_rows[c, "topk"], metric_rows[c, "gan"]) for c in CONFIGS})
+    lines += [""] + summary if summary else []
     text = "\n".join(lines) + "\n"
     out_root.mkdir(parents=True, exist_ok=True)
     (out_root / "study.md").write_text(text)

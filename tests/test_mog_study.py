@@ -89,10 +89,18 @@ def test_decision_waits_for_every_gan_cell(tmp_path):
     assert proc.returncode == 2 and "missing: all" in assert_one_line_error(proc)
 
 
+def test_holm_adjusts_by_rank_monotonically_and_caps_at_one():
+    assert sweep.holm({"a": 0.01, "b": 0.04, "c": 0.03}) == pytest.approx({"a": 0.03, "c": 0.06, "b": 0.06})
+    assert sweep.holm({"x": 0.6, "y": 0.5}) == {"x": 1.0, "y": 1.0}
+    assert sweep.holm({"only": 0.02}) == {"only": 0.02}
+
+
 def test_welch_matches_scipy_and_handles_constant_rows():
     a, b = [68.0, 63.6, 70.8], [93.2, 92.0, 94.1]
     assert float(sweep.welch(a, b)) == pytest.approx(stats.ttest_ind(a, b, equal_var=False).pvalue, abs=5e-4)
     assert sweep.welch([100.0, 100.0], [100.0, 100.0]) == "1.000"
+    tiny = stats.ttest_ind([94.6, 93.9, 93.6], [85.5, 85.0, 85.2], equal_var=False).pvalue  # ~2e-4: not "0.000"
+    assert float(sweep.welch([94.6, 93.9, 93.6], [85.5, 85.0, 85.2])) == pytest.approx(tiny, rel=0.05)
     assert sweep.welch([1.0], [2.0, 3.0]) == "–"
 
 
@@ -111,6 +119,10 @@ def test_study_report_and_picture(tmp_path):
     p_rkl = stats.ttest_ind([0.1, 0.2], [0.6, 0.7], equal_var=False).pvalue
     assert f"| base | -24.5 | {p:.3f} | +20.0 | {p_modes:.3f} | -0.500 | {p_rkl:.3f} |" in text
     assert "Chosen: – (GAN cells of the study still missing)" in text
+    # across configs: both configs with runs have top-k below the GAN in HQ and above it in modes
+    assert "- HQ: top-k higher in 0, lower in 2 of 2 (sign test p = 0.500)" in text
+    assert "- modes: top-k higher in 2, lower in 0 of 2 (sign test p = 0.500)" in text
+    assert "Holm-Bonferroni over the 6 Welch tests above" in text
     assert (tmp_path / "study.md").read_text() == text
     with Image.open(tmp_path / "study.png") as img:
         assert img.format == "PNG" and img.size == (900, 680)
