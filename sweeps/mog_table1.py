@@ -366,8 +366,9 @@ def study_report(out_root: Path, seeds, iterations) -> str:
     """The study table (config x variant, mean ± std and per seed), the decision, Welch tests; writes study.md."""
     lines = [f"MoG setup study: 25 modes, {iterations} iterations, seeds {list(seeds)} "
              "(mean ± sample std; per-seed values in seed order).", "",
-             "| config | flags | variant | n | HQ % | modes % | reverse KL | HQ % per seed | modes % per seed |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "| config | flags | variant | n | HQ % | modes % | reverse KL | HQ % per seed | modes % per seed "
+             "| reverse KL per seed |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     metric_rows = {}
     for config in CONFIGS:
         for variant in ("gan", "topk"):
@@ -375,12 +376,14 @@ def study_report(out_root: Path, seeds, iterations) -> str:
             metric_rows[config, variant] = rows
             hq = [100 * r["high_quality"] for r in rows]
             modes = [100 * r["modes_recovered"] for r in rows]
+            rkl = [r["reverse_kl"] for r in rows]
             flags = " ".join(config_flags(config, variant))
             same = f" (= {cell_folder(out_root, config, variant).name})" \
                 if cell_folder(out_root, config, variant).name != config else ""
             lines.append(f"| {config} | `{flags}` | {variant}{same} | {len(rows)} | {fmt(hq)} | {fmt(modes)} "
-                         f"| {fmt([r['reverse_kl'] for r in rows], 3)} | {', '.join(f'{v:.1f}' for v in hq) or '–'} "
-                         f"| {', '.join(f'{v:.1f}' for v in modes) or '–'} |")
+                         f"| {fmt(rkl, 3)} | {', '.join(f'{v:.1f}' for v in hq) or '–'} "
+                         f"| {', '.join(f'{v:.1f}' for v in modes) or '–'} "
+                         f"| {', '.join(f'{v:.3f}' for v in rkl) or '–'} |")
     lines += ["", "Configs (`mog_topk.py --setup <config>`), change from base: " +
               "; ".join(f"{c}: {d}" for c, d in CONFIGS.items()) + "."]
     chosen, distances = decide(out_root, seeds, iterations)

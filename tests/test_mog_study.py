@@ -114,6 +114,7 @@ def test_study_report_and_picture(tmp_path):
     assert "| base | `--setup base` | gan | 2 | 92.5 ± 0.7 | 72.5 ± 3.5 |" in text
     assert "| slowk | `--setup base` | gan (= base) | 2 | 92.5 ± 0.7 |" in text
     assert "| spacing1 | `--setup spacing1` | topk | 2 | 91.5 ± 0.7 | 100.0 ± 0.0 |" in text
+    assert "| 70.0, 66.0 | 95.0, 90.0 | 0.100, 0.200 |" in text  # base top-k per seed: HQ, modes, reverse KL
     p = stats.ttest_ind([70, 66], [93, 92], equal_var=False).pvalue
     p_modes = stats.ttest_ind([95, 90], [70, 75], equal_var=False).pvalue
     p_rkl = stats.ttest_ind([0.1, 0.2], [0.6, 0.7], equal_var=False).pvalue
