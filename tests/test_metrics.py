@@ -155,11 +155,17 @@ def test_fid_rank_deficient_is_exact_and_never_nan():
     rng = np.random.default_rng(4)
     x, y = rng.standard_normal((20, 50)), rng.standard_normal((30, 50)) + 0.3
     (mu1, s1), (mu2, s2) = metrics.feature_statistics(x), metrics.feature_statistics(y)
-    # exact value through the data matrix: s1 = Xcᵀ Xc, so tr sqrtm(s1 s2) = Σ √eig(Xc s2 Xcᵀ) (20 x 20)
+    # exact value through the data matrix: s1 = Xcᵀ Xc, so tr sqrtm(s1 s2) = Σ √eig(Xc s2 Xcᵀ). The rows of Xc sum
+    # to 0, so Xc s2 Xcᵀ (20 x 20) has an exact zero eigenvalue along the ones vector, which LAPACK returns as
+    # ±1e-16 and √ turns into ~1e-8: write Xc in an orthonormal basis of the complement of ones first (19 x 50),
+    # leaving only genuinely positive eigenvalues. (This matches a 40-digit mpmath evaluation to 1e-16.)
     xc = (x - mu1) / math.sqrt(len(x) - 1)
-    exact = (mu1 - mu2) @ (mu1 - mu2) + np.trace(s1) + np.trace(s2) \
-        - 2 * np.sqrt(np.linalg.eigvalsh(xc @ s2 @ xc.T).clip(0)).sum()
-    assert metrics.frechet_distance(mu1, s1, mu2, s2) == pytest.approx(exact, rel=1e-10)
+    q = np.linalg.qr(np.column_stack([np.ones(len(x)), np.eye(len(x))[:, :-1]]))[0][:, 1:]  # (20, 19), ⊥ ones
+    xr = q.T @ xc
+    eig = np.linalg.eigvalsh(xr @ s2 @ xr.T)
+    assert eig.min() > 1e-3 * eig.max()  # nothing at round-off level is left for √ to magnify
+    exact = (mu1 - mu2) @ (mu1 - mu2) + np.trace(s1) + np.trace(s2) - 2 * np.sqrt(eig).sum()
+    assert metrics.frechet_distance(mu1, s1, mu2, s2) == pytest.approx(exact, rel=1e-12)
     for sigma_a, sigma_b in [(s1, s1), (np.zeros((50, 50)), s2), (np.zeros((50, 50)), np.zeros((50, 50)))]:
         value = metrics.frechet_distance(mu1, sigma_a, mu1, sigma_b)
         assert math.isfinite(value) and value > -1e-9
