@@ -67,8 +67,8 @@ Speed (same maths as a textbook loop, measured by benchmarks/bench_mog.py). Two 
     parameters are frozen during the G step so no weight gradient of D is computed; fused Adam.
   * `FastStep` (default otherwise, `--no-fast-step` to use train_step): the same iteration with hand-written
     back-propagation of the two MLPs into buffers allocated once (class MLPBackprop); equal to train_step to float
-    rounding (tests/test_mog.py). On a CPU the step is then almost only its matrix products of 256x256 size (24
-    with 3 hidden layers, 36 with 4).
+    rounding (tests/test_mog.py). On a CPU the step is then almost only its matrix products with a 256x256 weight
+    (18 with 3 hidden layers, 27 with 4; a third of them on 2B rows).
 Both keep the losses in a tensor buffer and read (and check for NaN/inf) them once every `--log-every` steps instead
 of calling .item() every step. The README's pre-study Table 1 (setup base) was made with train_step (it predates
 FastStep); the study's runs with FastStep.
@@ -388,7 +388,11 @@ class MLPBackprop:
     are written straight into `.grad`. The products are the ones autograd computes (forward x W^T + b; backward
     dY^T X, sum(dY), dY W and the ReLU mask), so gradients agree with autograd to float rounding. What it saves is
     the per-step allocation of ~40 tensors of 256-512 rows and autograd's bookkeeping, which on a CPU are most of
-    what a step of these small nets costs beyond its 256x256 matrix products (benchmarks/bench_mog.py).
+    what a step of these small nets costs beyond its 256x256 matrix products (benchmarks/bench_mog.py). Two layers
+    take another form of the same product, for speed only: the weight gradient of a 2-input layer is computed as
+    (X^T dY)^T (MKL is several times slower at dY^T X with 2 output columns, timed alone on this machine), and dY W
+    of the 1-unit output layer as the outer product it is. On this machine the step's weights stay bit-identical to
+    the plain forms' (100 steps compared), so the study's runs, made before this change, repeat exactly.
     """
 
     def __init__(self, module: nn.Module):
@@ -423,11 +427,17 @@ class MLPBackprop:
             if weight_grads:
                 if layer.weight.grad is None:
                     layer.weight.grad, layer.bias.grad = torch.empty_like(layer.weight), torch.empty_like(layer.bias)
-                torch.mm(g.t(), h_in, out=layer.weight.grad)
+                if layer.in_features < 8:  # the 2-D input layer: (in, out), then transposed, is several times faster
+                    layer.weight.grad.copy_(torch.mm(h_in.t(), g).t())
+                else:
+                    torch.mm(g.t(), h_in, out=layer.weight.grad)
                 torch.sum(g, 0, out=layer.bias.grad)
             if i == 0 and not input_grad:
                 return None
-            torch.mm(g, layer.weight, out=input_grads[i])
+            if layer.out_features == 1:  # D's output layer: dY W is an outer product, one multiplication per entry
+                torch.mul(g, layer.weight, out=input_grads[i])
+            else:
+                torch.mm(g, layer.weight, out=input_grads[i])
             if i > 0:  # through the ReLU that produced h_in: the gradient passes where h_in > 0 (autograd's rule)
                 torch.ops.aten.threshold_backward.grad_input(input_grads[i], h_in, 0, grad_input=input_grads[i])
             g = input_grads[i]
@@ -707,9 +717,10 @@ def main(argv=None):
     samples, result = run_eval(step)
     np.savez(run_dir / "samples.npz", samples=samples, centers=centers_np, std=np.float32(args.std))
     variant = ("bottomk" if args.bottomk else "topk") if args.topk else "gan"
+    first_step = int(resume_state["step"]) if resume_state else 0  # wall_time_s and it_per_s: this process's part
     summary = {**result, "step": step, "n_modes": args.n_modes, "variant": variant, "k_final": k_at(max(step - 1, 0)),
-               "seed": args.seed, "wall_time_s": wall, "it_per_s": (step - (int(resume_state["step"]) if resume_state
-                                                                           else 0)) / max(wall, 1e-9),
+               "seed": args.seed, "resumed_from_step": first_step, "wall_time_s": wall,
+               "it_per_s": (step - first_step) / max(wall, 1e-9),
                "device": str(device), "threads": torch.get_num_threads(), "fast_step": fast_step is not None, "eval_samples": args.eval_samples,
                "threshold_sigma": 4.0}
     common.write_json(run_dir / "summary.json", summary)

@@ -18,6 +18,11 @@ repeats so that a load change on a shared machine hits both; the medians are com
   * "gemm_floor": not a training loop: only the 256x256-weight matrix products of one fast_step iteration
     (`floor_products`). Every exact implementation of the iteration does them, so straightforward / gemm_floor is the
     largest speed-up any rewrite of the step can reach at this machine's matrix-product speed (printed as "bound").
+    Its operands stay in cache (one weight, one input per shape), so it is the products at their fastest.
+  * "gemm_replay": the same products, but the ones one real fast_step iteration makes: its own weights, activations
+    and gradient buffers, in its order (captured with a TorchDispatchMode, then called again each iteration). They
+    miss the cache as the step's do, so fast_step - gemm_replay is FastStep's time outside its big products, and
+    straightforward / gemm_replay bounds any step that does these products on this memory layout.
 
 The three loops compute the same function: `--check` also runs them from identical weights for 20 steps, in
 float32 and in float64, and prints the largest difference of G's parameters from the straightforward loop's. In
@@ -42,6 +47,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import mog_topk  # noqa: E402
@@ -88,8 +94,8 @@ def straightforward_step(G, D, opt_g, opt_d, real, z_d, z_g, k, largest=True):
 
 
 B = 256
-KINDS = ("straightforward", "train_step", "fast_step", "gemm_floor")
-LOOPS = KINDS[:3]  # the kinds that train (gemm_floor only times matrix products)
+KINDS = ("straightforward", "train_step", "fast_step", "gemm_floor", "gemm_replay")
+LOOPS = KINDS[:3]  # the kinds that train (gemm_floor and gemm_replay only time matrix products)
 NO_TRICKS = argparse.Namespace(bottomk=False, label_smoothing=0.0, feature_matching=False, minibatch_disc=False,
                                hist_avg=0.0)
 
@@ -132,9 +138,42 @@ def run(kind, nets, data, k):
         for _ in data:
             for a, b, out in products:
                 torch.mm(a, b, out=out)
+    elif kind == "gemm_replay":
+        step = mog_topk.FastStep(G, D, mog_topk.StepConfig(NO_TRICKS, G, D))
+        calls = big_products_of(lambda: step(opt_g, opt_d, *data[0], k))
+        with torch.no_grad():  # as in FastStep: out= products of weights that require grad
+            for _ in data:
+                for func, args, kwargs in calls:
+                    func(*args, **kwargs)
     else:
         for real, z_d, z_g in data:
             straightforward_step(G, D, opt_g, opt_d, real, z_d, z_g, k)
+
+
+class _RecordBigProducts(TorchDispatchMode):
+    """Records every matrix product (mm / addmm) with all three dimensions >= 256: the products of the hidden-to-
+    hidden layers, whose weight (or weight gradient) is 256 x 256."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func.overloadpacket in (torch.ops.aten.mm, torch.ops.aten.addmm):
+            a, b = args[-2:]  # (m, p) @ (p, q); addmm's first argument is the bias
+            if min(a.shape[0], a.shape[1], b.shape[1]) >= 256:
+                self.calls.append((func, args, kwargs))
+        return func(*args, **kwargs)
+
+
+def big_products_of(fn):
+    """Run fn() once and return its 256x256-weight matrix products as (op, args, kwargs), to be called again: the
+    same operands (views of the step's own buffers and weights) in the same order."""
+    recorder = _RecordBigProducts()
+    with recorder:
+        fn()
+    return recorder.calls
 
 
 def floor_products(hidden_layers, width=256):
@@ -214,6 +253,12 @@ def main():
     if "gemm_floor" in kinds:
         print(f"bound: straightforward / gemm_floor = {median['gemm_floor'] / median['straightforward']:.2f}x, the "
               f"most any exact rewrite of the step can reach at this machine's matrix-product speed")
+    if "gemm_replay" in kinds:
+        print(f"bound on FastStep's memory layout: straightforward / gemm_replay = "
+              f"{median['gemm_replay'] / median['straightforward']:.2f}x (its big products alone, as they run in it)")
+        if "fast_step" in kinds:
+            print(f"fast_step outside its big products: {1e3 / median['fast_step'] - 1e3 / median['gemm_replay']:.2f} "
+                  f"ms per iteration of {1e3 / median['fast_step']:.2f}")
 
 
 if __name__ == "__main__":

@@ -220,7 +220,8 @@ def report(out_root: Path, config, modes_list, variants, seeds, iterations) -> s
         for variant in variants:
             rows = finished(out_root, config, modes, variant, seeds, iterations)
             paper = PAPER.get(modes, {}).get(variant)
-            wall = statistics.mean(r["wall_time_s"] for r in rows) if rows else None
+            # the whole run at its measured rate: a resumed run's wall_time_s covers its last process only
+            wall = statistics.mean(r["step"] / r["it_per_s"] for r in rows) if rows else None
             seeds_done = ",".join(str(r["seed"]) for r in rows)
             lines.append(
                 f"| {modes} | {variant} | {len(rows)}{f' (seeds {seeds_done})' if rows else ''} "
@@ -228,7 +229,8 @@ def report(out_root: Path, config, modes_list, variants, seeds, iterations) -> s
                 f"| {fmt_seeds([100 * r['modes_recovered'] for r in rows])} | {paper[1] if paper else '–'} "
                 f"| {fmt([r['reverse_kl'] for r in rows], 3)} | {f'{wall:.0f}' if wall else '–'} |")
     lines += ["", "Paper: Sinha et al. 2020, Table 1 (no error bars given; no bottom-k row). Per-seed values in brackets, "
-              "in seed order. s/run: mean wall time of one run's training loop on this machine."]
+              "in seed order. s/run: mean time of one run's training loop on this machine (its iterations at its measured "
+              "it/s; for a run resumed after a stop, the it/s of its last process)."]
     if "gan" in variants and len(variants) > 1:
         lines += ["", f"Against the GAN row of the same grid, two-sided Welch t-test over seeds ({VERSUS_HEADER[0]}):", "",
                   "| modes | variant | " + VERSUS_HEADER[1], "|---|---|---|---|---|---|---|---|"]

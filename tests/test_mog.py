@@ -332,36 +332,30 @@ def test_fast_step_equals_autograd_with_four_hidden_layers():
 
 
 @pytest.mark.parametrize("setup", ["base", "all"])
-def test_bench_gemm_floor_times_exactly_the_big_products_of_a_fast_step(setup):
-    """benchmarks/bench_mog.py's "bound" is honest only if gemm_floor does the 256x256-weight matrix products of one
-    FastStep iteration, no more and no fewer: count them, by row count, in a real FastStep call."""
+def test_bench_gemm_floor_and_replay_time_exactly_the_big_products_of_a_fast_step(setup):
+    """benchmarks/bench_mog.py's bounds are honest only if gemm_floor does the 256x256-weight matrix products of one
+    FastStep iteration, no more and no fewer, and gemm_replay's recorded calls are those products on the step's own
+    buffers: count them, by row count, in a real FastStep call, and replay them into the buffers they wrote."""
     import importlib.util
-    from torch.utils._python_dispatch import TorchDispatchMode
 
     spec = importlib.util.spec_from_file_location("bench_mog", REPO / "benchmarks" / "bench_mog.py")
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
 
-    class CountProducts(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.rows = []
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            out = func(*args, **(kwargs or {}))
-            if func.overloadpacket in (torch.ops.aten.mm, torch.ops.aten.addmm):
-                a, b = args[-2:]  # (m, p) @ (p, q); addmm's first argument is the bias
-                m, p, q = a.shape[0], a.shape[1], b.shape[1]
-                if min(m, p, q) >= 256:  # a hidden-to-hidden layer: its weight (or weight gradient) is 256 x 256
-                    self.rows.append(max(m, p, q))  # the batch dimension: B or 2B rows
-            return out
-
     G, D, opt_g, opt_d = bench.fresh("fast_step", setup)
     step = mog_topk.FastStep(G, D, mog_topk.StepConfig(bench.NO_TRICKS, G, D))
     real, z_d, z_g = bench.batches(1, 0, setup)[0]
-    counter = CountProducts()
-    with counter:
-        step(opt_g, opt_d, real, z_d, z_g, 256)
+    calls = bench.big_products_of(lambda: step(opt_g, opt_d, real, z_d, z_g, 256))
+    rows = [max(a.shape[0], a.shape[1], b.shape[1]) for _, args, _ in calls for a, b in [args[-2:]]]  # B or 2B
     floor = bench.floor_products(mog_topk.SETUPS[setup]["hidden_layers"])
-    assert sorted(counter.rows) == sorted(a.shape[0] for a, _, _ in floor)
+    assert sorted(rows) == sorted(a.shape[0] for a, _, _ in floor)
     assert len(floor) == 9 * (mog_topk.SETUPS[setup]["hidden_layers"] - 1)  # 18 (base) or 27 (all) products
+    # every recorded product writes into a buffer of the step (out=): replaying the one that made G's first hidden-
+    # to-hidden weight gradient (its inputs are not overwritten later in the iteration) must give that gradient again
+    [(func, args, kwargs)] = [call for call in calls if call[2]["out"] is G.net[2].weight.grad]
+    out = kwargs["out"]
+    expected = out.clone()
+    out.zero_()
+    with torch.no_grad():
+        func(*args, **kwargs)
+    torch.testing.assert_close(out, expected, rtol=0, atol=0)

@@ -22,13 +22,15 @@ spec.loader.exec_module(sweep)
 ITER = 50000
 
 
-def fake_run(out_root, config, variant, seed, hq, modes, rkl=0.5):
-    """A finished run folder as mog_topk.py leaves it (only what the report reads)."""
+def fake_run(out_root, config, variant, seed, hq, modes, rkl=0.5, resumed_from_step=0, it_per_s=50.0):
+    """A finished run folder as mog_topk.py leaves it (only what the report reads). wall_time_s and it_per_s are
+    those of the run's last process, as in mog_topk.py: a resumed run's wall time covers only its last part."""
     folder = sweep.cell_folder(out_root, config, variant) / f"mog25_{variant}__{seed}__{1000 + seed}"
     folder.mkdir(parents=True)
     (folder / "summary.json").write_text(json.dumps({"step": ITER, "seed": seed, "high_quality": hq / 100,
                                                      "modes_recovered": modes / 100, "reverse_kl": rkl,
-                                                     "wall_time_s": 1.0}))
+                                                     "resumed_from_step": resumed_from_step, "it_per_s": it_per_s,
+                                                     "wall_time_s": (ITER - resumed_from_step) / it_per_s}))
 
 
 def test_config_flags_and_the_shared_gan_run(tmp_path):
@@ -145,6 +147,16 @@ def test_table1_report_has_per_seed_values_and_welch_against_the_gan_row(tmp_pat
     # bottom-k is compared with the GAN run of its own seed only (seed 2: HQ 99 vs 95, modes 50 vs 96)
     assert "| 25 | bottomk | +4.0 | – | -46.0 | – | -0.020 | – |" in text
     assert (tmp_path / "all" / "table1.md").read_text() == text
+
+
+def test_table1_seconds_per_run_count_the_whole_of_a_resumed_run(tmp_path):
+    """s/run is a run's iterations at its measured rate: a run resumed at 40k after a stop (its last process timed
+    200 s at 50 it/s) counts as 1000 s like an uninterrupted one, not as the 200 s of its last process."""
+    fake_run(tmp_path, "all", "gan", 1, 96, 100, it_per_s=50.0)
+    fake_run(tmp_path, "all", "gan", 2, 95, 100, resumed_from_step=40000, it_per_s=50.0)
+    fake_run(tmp_path, "all", "topk", 1, 92, 100, it_per_s=25.0)
+    text = sweep.report(tmp_path, "all", [25], ["gan", "topk"], [1, 2], ITER)
+    assert "| 25 | gan | 2 (seeds 1,2) |" in text and "| 1000 |" in text and "| 2000 |" in text
 
 
 def test_one_real_cell_gets_its_config_flags_and_one_thread(tmp_path):
