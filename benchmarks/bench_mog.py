@@ -139,8 +139,10 @@ def run(kind, nets, data, k):
             for a, b, out in products:
                 torch.mm(a, b, out=out)
     elif kind == "gemm_replay":
-        step = mog_topk.FastStep(G, D, mog_topk.StepConfig(NO_TRICKS, G, D))
-        calls = big_products_of(lambda: step(opt_g, opt_d, *data[0], k))
+        if id(G) not in _REPLAY_CALLS:  # recorded in the first (warm-up) call, so the timed block only replays
+            step = mog_topk.FastStep(G, D, mog_topk.StepConfig(NO_TRICKS, G, D))
+            _REPLAY_CALLS[id(G)] = (step, big_products_of(lambda: step(opt_g, opt_d, *data[0], k)))
+        calls = _REPLAY_CALLS[id(G)][1]
         with torch.no_grad():  # as in FastStep: out= products of weights that require grad
             for _ in data:
                 for func, args, kwargs in calls:
@@ -148,6 +150,9 @@ def run(kind, nets, data, k):
     else:
         for real, z_d, z_g in data:
             straightforward_step(G, D, opt_g, opt_d, real, z_d, z_g, k)
+
+
+_REPLAY_CALLS = {}  # id(G) -> (the FastStep whose buffers the calls use, its recorded products)
 
 
 class _RecordBigProducts(TorchDispatchMode):
