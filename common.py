@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import copy
 import errno
+import hashlib
 import json
 import math
 import os
@@ -50,6 +51,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -197,7 +199,7 @@ def parameter_count(build) -> float:
     return float(sum(t.numel() for m in modules for t in [*m.parameters(), *m.buffers()]))
 
 
-def check_fits(device: torch.device, needs: dict[str, float]) -> None:
+def _check_fits_old(device: torch.device, needs: dict[str, float]) -> None:
     """Refuse, before anything is allocated or written, sizes whose memory cannot exist.
 
     `needs` maps what a group of flags makes (the text names the flags) to its estimated size in bytes, a lower
@@ -213,6 +215,62 @@ def check_fits(device: torch.device, needs: dict[str, float]) -> None:
     if not size <= total:
         raise UserError(f"together, {'; '.join(needs)} need at least {_gb(size)} of memory, more than the "
                         f"{_gb(total)} of the {device.type} device: use smaller sizes")
+
+
+class _CountBytes(TorchDispatchMode):
+    """Sums the bytes of every tensor that the operations run under it return."""
+
+    def __init__(self):
+        super().__init__()
+        self.bytes = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func._schema.is_mutable:  # in-place: no new memory
+            return out
+        for t in torch.utils._pytree.tree_leaves(out):
+            if isinstance(t, torch.Tensor) and not t._is_view():
+                self.bytes += t.numel() * t.element_size()
+        return out
+
+
+def _too_large(e: BaseException) -> bool:
+    text = str(e).lower()
+    return isinstance(e, (OverflowError, MemoryError)) or any(
+        s in text for s in ("overflow", "too large", "numel", "invalid size", "negative dimension", "out of range"))
+
+
+def check_fits(device: torch.device, flags, step=None, extra: dict[str, float] | None = None) -> None:
+    """Refuse, before anything is allocated or written, sizes whose memory cannot exist on `device`.
+
+    `step()` builds the models and runs one training forward of them (whole batch) and returns the models; it runs
+    on the meta device, so nothing is allocated whatever the sizes. Counted: every tensor its operations return
+    (the activations a backward keeps, and the parameters as they are made) plus three more copies of the
+    parameters (gradients and Adam's two moments). `flags` names the flags that set these sizes. `extra` maps
+    other needs (text naming their flags: data sets, sample batches) to bytes. A need, or all together, beyond the
+    device's memory (device_memory) is a UserError naming the flags; sizes beyond 64 bits count as infinite.
+    Sizes within the bound can still fail to allocate; run_cli reports those in one line.
+    """
+    if isinstance(flags, dict):
+        return _check_fits_old(device, flags)
+    try:
+        with torch.device("meta"), _CountBytes() as count:
+            models = step()
+        params = sum(t.numel() * t.element_size() for m in models for t in m.parameters())
+        size = float(count.bytes + 3 * params)
+    except (RuntimeError, TypeError, ValueError, OverflowError, MemoryError) as e:
+        if not _too_large(e):
+            raise
+        size = math.inf
+    needs = {flags: size, **(extra or {})}
+    total = device_memory(device)
+    for what, need in needs.items():
+        if not need <= total:  # also inf and nan
+            raise UserError(f"{what} need at least {_gb(need)} of memory, more than the {_gb(total)} of the "
+                            f"{device.type} device: use smaller sizes")
+    if not sum(needs.values()) <= total:
+        raise UserError(f"together, {'; '.join(needs)} need at least {_gb(sum(needs.values()))} of memory, more "
+                        f"than the {_gb(total)} of the {device.type} device: use smaller sizes")
 
 
 class StopRequest:
@@ -344,6 +402,73 @@ def select_topk(scores: torch.Tensor, k: int, largest: bool = True) -> torch.Ten
     if k >= scores.numel():
         return torch.arange(scores.numel(), device=scores.device)
     return torch.topk(scores.detach().float(), k, largest=largest, sorted=False).indices
+
+
+def add_topk_flags(p: argparse.ArgumentParser, mu_default: str = "half the batch"):
+    """--topk, --mu, --gamma, --bottomk (every script); returns the group, for a script's own top-k flags."""
+    g = p.add_argument_group("top-k (Sinha et al. 2020)")
+    g.add_argument("--topk", action=argparse.BooleanOptionalAction, default=False,
+                   help="the generator learns only from the k fakes the discriminator scores highest")
+    g.add_argument("--mu", type=int, default=None, help=f"floor of k, in samples (default: {mu_default}; needs --topk)")
+    g.add_argument("--gamma", type=finite_float, default=None,
+                   help="k decay per epoch: k = max(mu, floor(B * gamma^epoch)) (default 0.99; needs --topk)")
+    g.add_argument("--bottomk", action=argparse.BooleanOptionalAction, default=False,
+                   help="keep the k lowest-scored fakes instead (the analysis control; needs --topk)")
+    return g
+
+
+def check_topk_flags(args, batch_size: int, mu: int | None = None, gamma: float = 0.99, extra=()) -> None:
+    """With --topk: resolve --mu (default `mu`, else half the batch) and --gamma, and check them. Without it:
+    refuse --mu, --gamma, --bottomk and the script's `extra` top-k flags (attribute names) when given."""
+    if args.topk:
+        args.mu = (batch_size // 2 if mu is None else mu) if args.mu is None else args.mu
+        args.gamma = gamma if args.gamma is None else args.gamma
+        validate_topk(batch_size, args.mu, args.gamma)
+        return
+    for name in ("mu", "gamma", "bottomk", *extra):
+        if getattr(args, name) not in (None, False):
+            raise UserError(f"--{name.replace('_', '-')} only applies with --topk")
+
+
+def add_mbd_flags(g, kernels: int, dim: int) -> None:
+    """--minibatch-disc, --mbd-kernels, --mbd-dim, in the group `g`."""
+    g.add_argument("--minibatch-disc", action=argparse.BooleanOptionalAction, default=False,
+                   help="minibatch discrimination layer before the discriminator's output")
+    g.add_argument("--mbd-kernels", type=int, default=None,
+                   help=f"minibatch-discrimination kernels (default {kernels}; needs --minibatch-disc)")
+    g.add_argument("--mbd-dim", type=int, default=None,
+                   help=f"minibatch-discrimination kernel dimension (default {dim}; needs --minibatch-disc)")
+
+
+def check_mbd_flags(args, kernels: int, dim: int) -> None:
+    """Resolve and check --mbd-kernels / --mbd-dim with --minibatch-disc; refuse them without it."""
+    if args.minibatch_disc:
+        args.mbd_kernels = kernels if args.mbd_kernels is None else args.mbd_kernels
+        args.mbd_dim = dim if args.mbd_dim is None else args.mbd_dim
+        if args.mbd_kernels < 1 or args.mbd_dim < 1:
+            raise UserError("--mbd-kernels and --mbd-dim must be at least 1")
+    elif args.mbd_kernels is not None or args.mbd_dim is not None:
+        raise UserError("--mbd-kernels/--mbd-dim only apply with --minibatch-disc")
+
+
+FEATURE_MATCHING_FORMS = ("squared_l2", "mean_squared", "mean_abs")
+
+
+def feature_matching_loss(feat_real: torch.Tensor, feat_fake: torch.Tensor, form: str) -> torch.Tensor:
+    """Feature matching (Salimans et al. 2016, sec. 3.1): the distance between the batch means of the
+    discriminator's features of real and generated samples, (B, F) each, computed in float32.
+
+    form "squared_l2": ||mean f(x) - mean f(G(z))||^2, the paper's equation; "mean_squared": that divided by F, the
+    official openai/improved-gan MNIST code's T.mean(T.square(m1 - m2)); "mean_abs": the mean absolute difference,
+    the official CIFAR-10 code's T.mean(abs(m1 - m2)). Each script says which it uses and why."""
+    diff = feat_real.float().mean(0) - feat_fake.float().mean(0)
+    if form == "squared_l2":
+        return diff.pow(2).sum()
+    if form == "mean_squared":
+        return diff.pow(2).mean()
+    if form == "mean_abs":
+        return diff.abs().mean()
+    raise ValueError(f"feature-matching form must be one of {FEATURE_MATCHING_FORMS}, got {form!r}")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -1059,21 +1184,22 @@ def check_checkpoint(path: str | Path, state: dict, modules: dict[str, nn.Module
         raise UserError(f"{where}: non-finite values in {', '.join(bad[:3])}{' and more' if len(bad) > 3 else ''}")
 
 
-def check_resume_config(saved_args: dict, args, allowed: tuple[str, ...] = ()) -> None:
-    """Raise UserError when `args` differs from the checkpoint's arguments in anything but `allowed` keys.
-
-    Always allowed to differ: resume, device, out_dir, exp_name, track, save_every, eval_every, data_dir,
-    and the length of the run (epochs / iterations / max_steps), so a run can be extended.
-    """
+def check_resume_config(saved_args: dict, args, allowed=(), where: str = "--resume: checkpoint") -> None:
+    """Raise UserError when `args` differs from the saved arguments (a checkpoint's, a run folder's args.json) in
+    anything but `allowed` keys and the run's length, device and bookkeeping (always free). A flag the saved
+    arguments do not have is named as one they predate: that checkpoint was made by an older version."""
     free = {"resume", "device", "out_dir", "exp_name", "track", "save_every", "eval_every", "data_dir",
             "epochs", "iterations", "max_steps", "compile", "fid_weights", "torch_deterministic",
             "check_host_sync"} | set(allowed)
     current = vars(args)
-    diff = [k for k in sorted(set(saved_args) | set(current)) if k not in free
-            and k in current and saved_args.get(k) != current.get(k)]
+    new = sorted(k for k in current if k not in free and k not in saved_args)
+    if new:
+        raise UserError(f"{where} predates --{new[0].replace('_', '-')}{' and more flags' if len(new) > 1 else ''} "
+                        f"(made by an older version of the script): continue it with that version")
+    diff = [k for k in sorted(current) if k not in free and saved_args.get(k) != current[k]]
     if diff:
         shown = ", ".join(f"--{k.replace('_', '-')} {saved_args.get(k)!r} vs {current.get(k)!r}" for k in diff[:4])
-        raise UserError(f"--resume: checkpoint was made with a different configuration ({shown})")
+        raise UserError(f"{where} was made with a different configuration ({shown})")
 
 
 def rng_state() -> dict:
@@ -1137,6 +1263,331 @@ def load_optimizer_state(opt: torch.optim.Optimizer, state: dict) -> None:
                     param_state[name] = value.to(device=p.device if on_device else "cpu", dtype=torch.float32)
                 elif value.shape == p.shape and value.stride() != p.stride():
                     param_state[name] = torch.empty_like(p, dtype=value.dtype).copy_(value)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The run: flags, folder, log, checkpoints, resume, Ctrl-C / SIGTERM, summary
+# ----------------------------------------------------------------------------------------------------------------
+def add_run_flags(p: argparse.ArgumentParser, script: str, save_every: int, unit: str) -> None:
+    """The flags every script has for its run (the same names, meanings and help texts in all four)."""
+    g = p.add_argument_group("run")
+    g.add_argument("--exp-name", type=str, default=Path(script).stem,
+                   help="run name prefix: the run folder is <out-dir>/<exp-name>__<seed>__<unix time>")
+    g.add_argument("--seed", type=int, default=1, help="seed of python, numpy and torch")
+    g.add_argument("--torch-deterministic", action=argparse.BooleanOptionalAction, default=False,
+                   help="CUDA only. Off: cuDNN autotuning and TF32 tensor cores (fastest). On: deterministic "
+                        "algorithms, full float32, so a GPU run repeats bit for bit. CPU runs repeat either way")
+    g.add_argument("--device", type=str, default="auto", help="auto, cpu, cuda or cuda:N (auto: cuda if present)")
+    g.add_argument("--out-dir", type=str, default="runs", help="folder that receives the run folder")
+    g.add_argument("--track", action=argparse.BooleanOptionalAction, default=False,
+                   help="also log to Weights & Biases (needs wandb; offline with WANDB_MODE=offline)")
+    g.add_argument("--wandb-project-name", type=str, default="topk-gans", help="W&B project of --track")
+    g.add_argument("--wandb-entity", type=str, default=None, help="W&B entity (team) of --track")
+    g.add_argument("--tensorboard", action=argparse.BooleanOptionalAction, default=False,
+                   help="also log scalars to TensorBoard in <run folder>/tb (needs tensorboard)")
+    g.add_argument("--save-every", type=int, default=save_every,
+                   help=f"{unit} between checkpoints/last.pt writes (also written at the end and on Ctrl-C or "
+                        "SIGTERM; 0 = only then)")
+    g.add_argument("--resume", type=str, default=None,
+                   help="<run folder>/checkpoints/last.pt: continue that run in its folder (same flags; its length "
+                        "may grow)")
+    g.add_argument("--check-host-sync", action=argparse.BooleanOptionalAction, default=False,
+                   help="CUDA only, for tests: raise on any host synchronisation inside a training step (the first "
+                        "two steps of a process and the logging, evaluation and checkpoint code are exempt)")
+
+
+def check_run_flags(args) -> None:
+    """Validation of add_run_flags' values (UserError, one line)."""
+    check_seed("--seed", args.seed)
+    if args.save_every < 0:
+        raise UserError(f"--save-every must be >= 0, got {args.save_every}")
+    if args.wandb_entity is not None and not args.track:
+        raise UserError("--wandb-entity only applies with --track")
+
+
+class _StopRequest:
+    """Ctrl-C (SIGINT) and SIGTERM (what SLURM and `kill` send) as a request to stop at the next step boundary.
+    A second signal interrupts at once (KeyboardInterrupt), for a step that never ends. Only the main thread can
+    install handlers; elsewhere the signals keep their default behaviour."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self):
+        self.requested, self._previous = False, {}
+        for sig in self.SIGNALS:
+            try:
+                self._previous[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread
+                pass
+
+    def _handle(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def restore(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous = {}
+
+
+def _generator_state(gen: torch.Generator) -> dict:
+    return {"device": gen.device.type, "state": gen.get_state()}
+
+
+class Run:
+    """One training run: its folder, metrics log, checkpoints, resume, Ctrl-C / SIGTERM and summary.
+
+    The calls, in a script's order:
+        run = common.Run(args, allowed=(...))  # checks --out-dir, --exp-name, tracking; loads and checks --resume
+        run.register(G=G, D=D, opt_g=opt_g, ...)  # what every checkpoint holds (None: a trick that is off)
+        extra = run.start(total, device)        # applies the checkpoint, creates/locks the folder; run.step
+        run.add(loss_d=..., loss_g=...)         # each step: scalars buffered on the device, no host sync
+        run.log_window(step, epoch=e, k=k)      # every --log-every steps: one sync, non-finite stop, log, progress
+        run.log(record)                         # evaluation records
+        run.save(step, best=..., ...)           # checkpoints/last.pt (name="best.pt" too): registered + extra
+        if run.stop_requested: run.interrupt(step, ...)   # Ctrl-C / SIGTERM: save, print how to continue
+        run.finish(summary)                     # summary.json (timing and device added), unlock
+
+    Nothing is written before `start`, so every refusal before it leaves no trace. A resumed run gives the weights
+    and evaluation records of an uninterrupted one; a log window cut by a stop is logged at the stop, so the loss
+    lines around a stop may be split in two (their timing fields differ too).
+    """
+
+    FREE = {"resume", "device", "out_dir", "exp_name", "track", "wandb_project_name", "wandb_entity",
+            "tensorboard", "save_every", "eval_every", "data_dir", "epochs", "iterations", "max_steps", "compile",
+            "fid_weights", "torch_deterministic", "check_host_sync", "log_every"}  # a resume may change these
+
+    def __init__(self, args, allowed: tuple[str, ...] = (), argv: list[str] | None = None, script: str = ""):
+        self.args, self.argv, self.script = args, argv, Path(script or sys.argv[0]).name
+        self.ckpt, self.dir, self.objects, self.step = None, None, {}, 0
+        self.train_time, self._buf, self._names = 0.0, [], None
+        self._wandb = self._tb = None
+        if args.track:
+            try:
+                import wandb  # noqa: F401  (lazy: optional dependency)
+            except ImportError:
+                raise UserError("--track needs the wandb package (pip install wandb), or drop --track") from None
+        if args.tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter  # noqa: F401
+            except ImportError:
+                raise UserError("--tensorboard needs the tensorboard package (pip install tensorboard)") from None
+        if args.resume is None:
+            check_out_dir(args.out_dir, args.exp_name)
+            return
+        self.ckpt = load_checkpoint(args.resume)
+        check_resume_config(self.ckpt["args"], args, self.FREE | set(allowed), f"--resume {args.resume}: the checkpoint")
+        # only into the run folder the checkpoint belongs to: <run>/checkpoints/x.pt beside <run>/args.json
+        path = Path(args.resume).resolve()
+        meta = path.parent.parent / "args.json"
+        if path.parent.name != "checkpoints" or not meta.is_file():
+            raise UserError(f"--resume {args.resume}: not inside a run folder (<run folder>/checkpoints/"
+                            f"{path.name} beside <run folder>/args.json); copy the whole run folder to continue it")
+        try:
+            saved = json.loads(meta.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise UserError(f"--resume {args.resume}: cannot read {meta} ({describe(e)})") from None
+        if not isinstance(saved, dict):
+            raise UserError(f"--resume {args.resume}: {meta} is not a run folder's args.json")
+        check_resume_config(saved, args, self.FREE | set(allowed), f"--resume {args.resume}: its run folder")
+        self.dir = path.parent.parent
+
+    def register(self, **objects) -> None:
+        """Objects that every checkpoint holds and a resume restores: modules, optimizers, GradScalers, averages
+        (anything with state_dict / load_state_dict) and torch.Generators. None values (tricks that are off) are
+        skipped. Adding a checkpointed object is one more keyword here."""
+        self.objects.update({k: v for k, v in objects.items() if v is not None})
+
+    def start(self, total: int, device: torch.device, keys: tuple[str, ...] = (),
+              tensors: dict[str, tuple[int, ...]] | None = None, rate: tuple[str, float] = ("it_per_s", 1.0),
+              unit: str = "it") -> dict:
+        """Apply the checkpoint after checking that it fits (every registered object, `keys` present, `tensors`
+        of their shapes, step <= total); create the run folder (or reopen the resumed one), lock it, cut its log
+        back to the checkpoint's step; start the clock and the Ctrl-C / SIGTERM handler.
+
+        Returns the checkpoint's other entries ({} for a new run); `self.step` is where training continues.
+        `rate` names the throughput field of the log and its scale (e.g. ("images_per_s", batch size))."""
+        args, extra = self.args, {}
+        self.total, self.device, self.unit = total, device, unit
+        self._rate_key, self._rate_scale = rate
+        if self.ckpt is not None:
+            ck = self.ckpt
+            modules = {k: v for k, v in self.objects.items() if isinstance(v, nn.Module)}
+            others = tuple(k for k in self.objects if k not in modules)
+            check_checkpoint(args.resume, ck, modules, keys=(*others, *keys), tensors=tensors, max_step=total)
+            with checkpoint_errors(args.resume):
+                for name, obj in self.objects.items():
+                    if isinstance(obj, torch.optim.Optimizer):
+                        load_optimizer_state(obj, ck[name])
+                    elif isinstance(obj, torch.Generator):
+                        self._load_generator(name, obj, ck[name])
+                    else:
+                        obj.load_state_dict(ck[name])
+                set_rng_state(ck["rng"])
+            self.step, self.train_time = ck["step"], float(ck.get("train_time_s", 0.0))
+            extra = {k: v for k, v in ck.items() if k not in self.objects and k not in ("args", "rng", "step")}
+        self.dir = _make_run_dir(args, self.dir)
+        self.log_path = self.dir / "metrics.jsonl"
+        if self.ckpt is not None:  # a "final" record of a --max-steps stop is not final any more
+            _truncate_log(self.log_path, self.step, drop=lambda record: record.get("final"))
+        if args.track:
+            import wandb
+
+            self._wandb = wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, name=self.dir.name,
+                                     id=hashlib.sha1(str(self.dir.resolve()).encode()).hexdigest()[:16],
+                                     config=vars(args), dir=str(self.dir), resume="allow")
+        if args.tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._tb = SummaryWriter(str(self.dir / "tb"))
+        self._stop = _StopRequest()
+        self.start_step, self._wall0 = self.step, time.time()
+        self._t = self._t_print = time.perf_counter()
+        self._smooth, self._proc = None, [0, 0.0]  # smoothed rate; this process's (steps, seconds) of training
+        print(f"run folder {self.dir}" + (f" | resumed at {unit} {self.step}" if self.ckpt is not None else ""),
+              flush=True)
+        return extra
+
+    def _load_generator(self, name: str, gen: torch.Generator, saved) -> None:
+        if not (isinstance(saved, dict) and torch.is_tensor(saved.get("state"))):
+            raise ValueError(f"{name} is not a generator state")
+        if saved.get("device") == gen.device.type:
+            gen.set_state(saved["state"].cpu().to(torch.uint8))
+        else:  # a CPU generator's state does not fit a CUDA one (and back): reseed from the seed and the step
+            gen.manual_seed(self.args.seed * 1_000_003 + self.ckpt["step"])
+            print(f"note: {name} was saved on {saved.get('device')}, this run draws on {gen.device.type}: reseeded, "
+                  f"so the continuation is not bit-identical to an uninterrupted run", file=sys.stderr)
+
+    # ---- the log ----
+    def add(self, **values: torch.Tensor) -> None:
+        """Buffer this step's scalar tensors on their device (no host sync) until the next log_window."""
+        if self._names is None:
+            self._names = tuple(values)
+        elif tuple(values) != self._names:
+            raise ValueError(f"Run.add: got {tuple(values)}, earlier steps {self._names}")
+        self._buf.append(torch.stack([v.detach().float().reshape(()) for v in values.values()]))
+
+    def log_window(self, step: int, **fields) -> dict | None:
+        """Read the buffered values (one host sync); a non-finite one stops the run naming its step and the last
+        good checkpoint (save refuses non-finite weights, so last.pt is one). Logs their means with `fields` and
+        the throughput, prints the progress line every 10 s. Returns the record (None if nothing was buffered)."""
+        if not self._buf:
+            return None
+        values, n = torch.stack(self._buf).cpu(), len(self._buf)
+        self._buf.clear()
+        bad = (~torch.isfinite(values)).nonzero()
+        if len(bad):
+            i, j = (int(x) for x in bad[0])
+            last = self.dir / "checkpoints" / "last.pt"
+            raise UserError(f"non-finite {self._names[j]} ({values[i, j]:.4g}) at step {step - n + i + 1}: stopped; "
+                            f"last good checkpoint: {last if last.is_file() else 'none yet'}")
+        now = time.perf_counter()
+        elapsed, self._t = now - self._t, now
+        self.train_time += elapsed
+        self._proc[0] += n
+        self._proc[1] += elapsed
+        rate = n / elapsed if elapsed > 0 else float("nan")
+        record = {"step": step, **fields, **dict(zip(self._names, values.mean(0).tolist())),
+                  self._rate_key: rate * self._rate_scale}
+        self.log(record, reset_clock=False)
+        if math.isfinite(rate):  # smoothed over ~30 s of training, so a busy moment does not swing the ETA
+            w = 1.0 - math.exp(-elapsed / 30.0)
+            self._smooth = rate if self._smooth is None else (1 - w) * self._smooth + w * rate
+        if now - self._t_print >= 10.0 or step >= self.total:
+            self._t_print = now
+            eta = (self.total - step) / self._smooth if self._smooth else float("nan")
+            shown = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()
+                             if k not in ("step", self._rate_key))
+            print(f"[{step}/{self.total}] {100.0 * step / max(self.total, 1):5.1f}% | "
+                  f"{(self._smooth or 0) * self._rate_scale:7.4g} {self._rate_key.replace('_per_s', '')}/s | "
+                  f"ETA {fmt_seconds(eta)} | {shown}", flush=True)
+        return record
+
+    def log(self, record: dict, reset_clock: bool = True) -> None:
+        """Append one record to metrics.jsonl (and W&B / TensorBoard). The clock of the next log window restarts
+        here: evaluation and checkpoint time are not training time."""
+        with open(self.log_path, "a") as f:
+            f.write(json.dumps(record, default=float) + "\n")
+        scalars = {k: v for k, v in record.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        if self._wandb is not None:
+            self._wandb.log(scalars, step=int(record.get("step", 0)))
+        if self._tb is not None:
+            for key, value in scalars.items():
+                if key != "step":
+                    self._tb.add_scalar(key, value, record.get("step", 0))
+        if reset_clock:
+            self._t = time.perf_counter()
+
+    # ---- checkpoints ----
+    def state(self, step: int, **extra) -> dict:
+        """The checkpoint: args, step, all RNG states, training time, every registered object and `extra`."""
+        state = {"args": vars(self.args), "step": step, "rng": rng_state(), "train_time_s": self.train_time}
+        for name, obj in self.objects.items():
+            state[name] = _generator_state(obj) if isinstance(obj, torch.Generator) else obj.state_dict()
+        state.update(extra)
+        return state
+
+    def save(self, step: int, name: str = "last.pt", **extra) -> Path:
+        """Write checkpoints/<name> (atomic; refused when anything is non-finite, the old file kept)."""
+        path = self.dir / "checkpoints" / name
+        save_checkpoint(path, self.state(step, **extra))
+        self._t = time.perf_counter()
+        return path
+
+    @property
+    def stop_requested(self) -> bool:
+        return self._stop.requested
+
+    def interrupt(self, step: int, **extra) -> None:
+        """After Ctrl-C or SIGTERM: save last.pt at this step and raise Interrupted, whose message (printed by
+        run_cli, exit status 130) is the command that continues the run."""
+        path = self.save(step, **extra)
+        self.close()
+        flags, skip = [], False
+        for token in (sys.argv[1:] if self.argv is None else list(self.argv)):
+            if skip or token == "--resume":
+                skip = not skip
+                continue
+            if not token.startswith("--resume="):
+                flags.append(str(token))
+        command = shlex.join(["python", self.script, *flags, "--resume", str(path)])
+        raise Interrupted(f"stopped at step {step}, checkpoint saved to {path}; continue with: {command}")
+
+    def close(self) -> None:
+        self._stop.restore()
+        if self._wandb is not None:
+            self._wandb.finish()
+        if self._tb is not None:
+            self._tb.close()
+        unlock_run_dir(self.dir)
+
+    def finish(self, summary: dict, line: str = "") -> dict:
+        """Write summary.json (`summary` plus training time, wall time of this process, this process's throughput,
+        device, peak GPU memory, the step a resume started from), print the last line, unlock the folder."""
+        cuda = self.device.type == "cuda"
+        summary = {**summary, "train_time_s": self.train_time, "wall_time_s": time.time() - self._wall0,
+                   self._rate_key: self._proc[0] * self._rate_scale / self._proc[1] if self._proc[1] > 0 else None,
+                   "resumed_from_step": self.start_step if self.ckpt is not None else None,
+                   "device": torch.cuda.get_device_name(self.device) if cuda else "cpu",
+                   "peak_memory_gb": torch.cuda.max_memory_allocated(self.device) / 2**30 if cuda else None,
+                   "run_dir": str(self.dir)}
+        write_json(self.dir / "summary.json", summary)
+        self.close()
+        print(f"done: {fmt_seconds(self.train_time)} of training{line} | {self.dir}", flush=True)
+        return summary
+
+
+def _make_run_dir(args, resume_dir):
+    return make_run_dir(args, resume_dir)
+
+
+def _truncate_log(path: Path, step: int, drop=None) -> None:
+    MetricsLogger.truncate_after(type("L", (), {"path": path})(), step, drop)
+
+
+def fmt_seconds(s: float) -> str:
+    return _fmt_seconds(s)
 
 
 # ----------------------------------------------------------------------------------------------------------------
