@@ -143,10 +143,22 @@ def run_cli(main) -> None:
         fail(f"error: {e.strerror or describe(e)}: {e.filename or '(file unknown)'}")
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows defaults, except None (those flags say in their help what they default to)."""
+
+    def _get_help_string(self, action):
+        return action.help if action.default is None else super()._get_help_string(action)
+
+
 class ArgumentParser(argparse.ArgumentParser):
     """argparse.ArgumentParser whose own errors (a value of the wrong type, an invalid choice, an unknown flag, a
     missing value) keep the scripts' promise: one line on stderr starting with `error:`, exit status 2. argparse
     prints its whole usage block there instead (20-35 lines); the usage stays available with --help."""
+
+    def __init__(self, *a, **kw):
+        kw.setdefault("formatter_class", _HelpFormatter)
+        kw.setdefault("allow_abbrev", False)  # --resum is not --resume
+        super().__init__(*a, **kw)
 
     def error(self, message):
         self.exit(2, f"error: {one_line(message, 2000)} (see {self.prog} --help)\n")
@@ -326,12 +338,16 @@ def seed_everything(seed: int, torch_deterministic: bool = False) -> None:
 
     torch_deterministic False (the scripts' default, for speed on a GPU): cuDNN autotuning (`benchmark`) and TF32
     tensor cores for float32 matrix products and convolutions (Ampere and newer). True: deterministic cuDNN
-    algorithms, no autotuning, full float32 products, so a CUDA run repeats bit for bit on the same GPU and software.
+    algorithms (torch.use_deterministic_algorithms, warning where an op has none; CUBLAS_WORKSPACE_CONFIG), no
+    autotuning, full float32 products, so a CUDA run repeats bit for bit on the same GPU and software.
     CPU runs are bit-reproducible either way (none of these settings touches the CPU kernels).
     """
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
+    if torch_deterministic:  # cuBLAS needs a fixed workspace for repeatable products (before its first use)
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(torch_deterministic, warn_only=True)
     torch.backends.cudnn.deterministic = torch_deterministic
     torch.backends.cudnn.benchmark = not torch_deterministic
     torch.backends.cuda.matmul.allow_tf32 = not torch_deterministic
@@ -515,11 +531,14 @@ class MinibatchDiscrimination(nn.Module):
         self.bias = nn.Parameter(torch.full((kernels,), -1.0))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        m = (x @ self.T).view(-1, self.kernels, self.kernel_dim)  # (B, K, D)
-        l1 = (m.unsqueeze(0) - m.unsqueeze(1)).abs().sum(dim=3)  # (B, B, K): ||M_i - M_j||_1 per kernel
-        c = torch.exp(-l1)
-        o = c.sum(dim=1) - 1.0  # drop the j = i term, which is exp(0) = 1
-        return torch.cat([x, o + self.bias], dim=1)
+        # float32 also under autocast: in bf16 the L1 distances of a near-collapsed batch are off by 1-4, which
+        # is exactly the signal this layer exists for
+        with torch.autocast(x.device.type, enabled=False):
+            m = (x.float() @ self.T.float()).view(-1, self.kernels, self.kernel_dim)  # (B, K, D)
+            l1 = (m.unsqueeze(0) - m.unsqueeze(1)).abs().sum(dim=3)  # (B, B, K): ||M_i - M_j||_1 per kernel
+            c = torch.exp(-l1)
+            o = c.sum(dim=1) - 1.0  # drop the j = i term, which is exp(0) = 1
+            return torch.cat([x.float(), o + self.bias.float()], dim=1)
 
 
 class VirtualBatchNorm(nn.Module):

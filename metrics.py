@@ -36,15 +36,19 @@ Where each definition comes from
 
 Precision: Inception features are always computed in float32 with autocast disabled (the scripts' `--amp` never
 applies to FID); statistics, Fréchet distance and IS use float64. On Ampere+ GPUs PyTorch runs float32
-convolutions in TF32 unless `torch.backends.cudnn.allow_tf32` is False (pytorch-fid has the same behaviour);
-this module leaves that global flag alone.
+convolutions in TF32 unless `torch.backends.cudnn.allow_tf32` is False; the Inception pass runs with PyTorch's
+default flags, as pytorch-fid does (TF32 off for matrix products, cuDNN's default for convolutions), whatever the
+training code set, and restores them after.
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import math
 import os
 import zipfile
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -546,6 +550,19 @@ def _quantize(images: torch.Tensor) -> torch.Tensor:
     return unit.mul(255).add_(0.5).clamp_(0, 255).to(torch.uint8)
 
 
+@contextlib.contextmanager
+def _pytorch_fid_precision():
+    """Within the block, the float32 settings pytorch-fid runs with (PyTorch's defaults): no TF32 in matrix
+    products (the Inception fc layer, hence the IS logits), cuDNN's default for convolutions; restored after. The
+    scripts turn TF32 products on for training speed, which must not reach FID or IS."""
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = False, True
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
 def _inception_pass(batches, inception, device, keep_logits: bool):
     """Run uint8 image batches through `inception` and accumulate pool3 statistics.
 
@@ -556,7 +573,7 @@ def _inception_pass(batches, inception, device, keep_logits: bool):
     logits stay on `device` until the end (one copy), so a GPU pass never waits on the host.
     """
     acc, logits = _MomentAccumulator(), []
-    with torch.inference_mode(), torch.autocast(torch.device(device).type, enabled=False):
+    with torch.inference_mode(), torch.autocast(torch.device(device).type, enabled=False), _pytorch_fid_precision():
         for images in batches:
             if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[1] not in (1, 3):
                 raise ValueError(f"expected (N, 1 or 3, H, W) uint8 images, got {images.dtype} {tuple(images.shape)}")
@@ -613,6 +630,26 @@ def reference_statistics(images_uint8, inception, cache_path: str | os.PathLike 
     if cache_path is not None:
         _save_stats(os.fspath(cache_path), mu, sigma)
     return mu, sigma
+
+
+def training_set_statistics(images_uint8, inception, data_dir, dataset: str, weights_path=None,
+                            batch_size: int = 100, device=None) -> tuple[np.ndarray, np.ndarray]:
+    """FID reference statistics of a training set, cached as <data_dir>/fid_stats_<dataset>_train[_<hash>].npz.
+
+    The suffix is the first 10 hex digits of the sha256 of `weights_path` (none for the default pytorch-fid
+    weights), so statistics made with other Inception weights are never mixed up. dataset "fake" (random smoke-test
+    images) is never cached: its statistics are of the images themselves, and the numbers mean nothing."""
+    cache = None
+    if dataset != "fake":
+        tag = ""
+        if weights_path is not None:
+            h = hashlib.sha256()
+            with open(weights_path, "rb") as f:
+                for block in iter(lambda: f.read(1 << 20), b""):
+                    h.update(block)
+            tag = "_" + h.hexdigest()[:10]
+        cache = Path(data_dir) / f"fid_stats_{dataset}_train{tag}.npz"
+    return reference_statistics(images_uint8, inception, cache, batch_size, device)
 
 
 def evaluate_generator(sample_fn, n_samples: int, ref_mu, ref_sigma, inception, batch_size: int = 100,
