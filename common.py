@@ -1,20 +1,27 @@
-"""Layers and small helpers shared by the experiment scripts.
+"""Layers, GAN helpers and run plumbing shared by the experiment scripts (mog_topk.py, dcgan_cifar_topk.py,
+improved_gan_mnist.py, improved_gan_cifar.py). Plain PyTorch.
 
-Nothing here trains anything or parses flags: each script stays readable top to bottom (CleanRL style) and only
-borrows the pieces below. Everything is plain PyTorch.
+The maths of each experiment stays in its script. This module holds the layers the models are built from, the GAN
+pieces several scripts use (top-k selection, parameter averaging, feature matching, the flag groups of top-k and
+minibatch discrimination), and the run plumbing behind a few calls: one-line errors and the command line, the
+memory-fit check, device and seeding set-up, the run folder, checkpoints that are complete and finite or absent,
+and `Run`, which ties the folder, the metrics log, checkpoints, resume, Ctrl-C / SIGTERM and the summary together.
+The data loaders return real datasets as uint8 tensors.
 
 Contents
-    errors      UserError, Interrupted, run_cli, ArgumentParser, finite_float, check_seed, check_fits,
-                parameter_count, StopRequest, interrupted
-    set-up      seed_everything, pick_device, autocast, check_host_sync
-    top-k       validate_topk, topk_k, select_topk
-    layers      GaussianNoise, MinibatchDiscrimination, VirtualBatchNorm (+ vbn_reference_pass),
-                WNLinear, WNConv2d, WNConvTranspose2d (weight norm with data-dependent init)
-    training    HistoricalAverage, EMA
-    run folder  check_out_dir, make_run_dir, lock_run_dir, unlock_run_dir, write_json, MetricsLogger, Progress
-    checkpoints save_checkpoint, load_checkpoint, check_checkpoint, checkpoint_errors, nonfinite_entries,
-                check_resume_config, rng_state, set_rng_state, load_optimizer_state
-    data        load_cifar10, load_mnist, fake_images, balanced_label_indices
+    layers        GaussianNoise, MinibatchDiscrimination, VirtualBatchNorm (+ vbn_reference_pass),
+                  WNLinear, WNConv2d, WNConvTranspose2d (weight norm with data-dependent init)
+    GAN helpers   validate_topk, topk_k, select_topk, add_topk_flags, check_topk_flags, add_mbd_flags,
+                  check_mbd_flags, FEATURE_MATCHING_FORMS, feature_matching_loss; HistoricalAverage, EMA
+    errors, CLI   UserError, Interrupted, run_cli, one_line, describe, ArgumentParser, finite_float, check_seed,
+                  device_memory, check_fits
+    set-up        seed_everything, pick_device, check_host_sync, autocast
+    run folder    write_atomically, write_json, check_out_dir, lock_run_dir, unlock_run_dir, make_run_dir,
+                  truncate_log, fmt_seconds
+    checkpoints   nonfinite_entries, save_checkpoint, load_checkpoint, checkpoint_errors, check_checkpoint,
+                  rng_state, set_rng_state, load_optimizer_state, check_resume_config
+    the run       add_run_flags, check_run_flags, Run
+    data          load_cifar10, load_mnist, fake_images, balanced_label_indices
 """
 
 from __future__ import annotations
@@ -55,347 +62,190 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Errors
+# Layers
 # ----------------------------------------------------------------------------------------------------------------
-class UserError(Exception):
-    """An expected user mistake (bad flag combination, missing data, bad checkpoint).
+class GaussianNoise(nn.Module):
+    """Adds N(0, std²) noise in training mode only; identity in eval mode. Any shape."""
 
-    `run_cli` prints it as one line on stderr and exits with status 2, without a traceback.
-    """
-
-
-class Interrupted(Exception):
-    """Ctrl-C during training, raised after the run saved a checkpoint at a step boundary (see StopRequest).
-
-    `run_cli` prints its message (where the checkpoint is, the command that continues the run) as one line on
-    stderr and exits with status 130, the shell's status for SIGINT.
-    """
-
-
-def one_line(text, limit: int = 300) -> str:
-    """`text` (a message, an exception) as one line of at most `limit` characters: exception messages can be empty
-    or span lines (torch's C++ errors carry a stack), and the scripts print exactly one line per error."""
-    line = " ".join(str(text).split())
-    return line if len(line) <= limit else line[: limit - 3] + "..."
-
-
-def describe(e: BaseException) -> str:
-    """`TypeName: first words of the message` on one line (just the type name when the message is empty)."""
-    message = one_line(e, 200)
-    return f"{type(e).__name__}: {message}" if message else type(e).__name__
-
-
-# errno values of a file system that refuses a write: full, over quota, read-only, forbidden, failing hardware
-_FILESYSTEM_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG, errno.EIO}
-
-
-_OUT_OF_MEMORY = (MemoryError, getattr(torch, "OutOfMemoryError", MemoryError))
-
-
-def _is_allocation_error(e: BaseException) -> bool:
-    """True for the errors of memory that cannot be allocated (or sizes torch cannot even represent)."""
-    if isinstance(e, _OUT_OF_MEMORY):
-        return True
-    text = str(e)
-    return isinstance(e, (RuntimeError, TypeError, ValueError)) and any(
-        marker in text for marker in ("can't allocate memory", "not enough memory", "out of memory",
-                                      "Overflow when unpacking long"))
-
-
-def run_cli(main) -> None:
-    """Run `main()` as a command line program, with the scripts' promise: an expected problem is one line on stderr
-    and exit status 2, never a traceback.
-
-    * `UserError` (a user mistake: flags, data, checkpoints) → `error: <message>`;
-    * memory that cannot be allocated (MemoryError, torch.OutOfMemoryError, the CPU allocator's RuntimeError, sizes
-      beyond 64 bits) → `error: out of memory: ...`; the scripts refuse the sizes they can foresee earlier
-      (check_fits), this catches the rest;
-    * a file system that refuses a write (full, over quota, read-only, forbidden: OSError with such an errno) →
-      `error: <reason>: <file>`;
-    * Ctrl-C: `Interrupted` (a checkpoint was saved) prints its resume line, a Ctrl-C elsewhere (start-up,
-      evaluation) says nothing was saved by it; both exit with status 130.
-    Any other exception is a bug and keeps its traceback.
-    """
-    def fail(message: str, status: int = 2):
-        print(message, file=sys.stderr, flush=True)
-        sys.exit(status)
-
-    try:
-        main()
-    except UserError as e:
-        fail(f"error: {one_line(e, 2000)}")
-    except Interrupted as e:
-        fail(f"interrupted: {one_line(e, 2000)}", 130)
-    except KeyboardInterrupt:
-        fail("interrupted: outside a training step, so this interruption saved nothing (checkpoints/last.pt, if "
-             "any, holds the last save)", 130)
-    except (MemoryError, RuntimeError, TypeError, ValueError) as e:
-        if not _is_allocation_error(e):
-            raise
-        if "Overflow when unpacking long" in str(e):
-            fail("error: a size or count is beyond what torch can represent (64 bits): use smaller values")
-        wanted = re.search(r"allocate (\d+) bytes", str(e))
-        size = f" (tried to allocate {_gb(int(wanted.group(1)))})" if wanted else f" ({describe(e)})"
-        fail(f"error: out of memory{size}: use smaller sizes (batch, model width, samples)")
-    except OSError as e:
-        if e.errno not in _FILESYSTEM_ERRNOS:
-            raise
-        fail(f"error: {e.strerror or describe(e)}: {e.filename or '(file unknown)'}")
-
-
-class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Shows defaults, except None (those flags say in their help what they default to)."""
-
-    def _get_help_string(self, action):
-        return action.help if action.default is None else super()._get_help_string(action)
-
-
-class ArgumentParser(argparse.ArgumentParser):
-    """argparse.ArgumentParser whose own errors (a value of the wrong type, an invalid choice, an unknown flag, a
-    missing value) keep the scripts' promise: one line on stderr starting with `error:`, exit status 2. argparse
-    prints its whole usage block there instead (20-35 lines); the usage stays available with --help."""
-
-    def __init__(self, *a, **kw):
-        kw.setdefault("formatter_class", _HelpFormatter)
-        kw.setdefault("allow_abbrev", False)  # --resum is not --resume
-        super().__init__(*a, **kw)
-
-    def error(self, message):
-        self.exit(2, f"error: {one_line(message, 2000)} (see {self.prog} --help)\n")
-
-
-def finite_float(text: str) -> float:
-    """The argparse `type=` of every float flag of the scripts: a finite number. 'nan', 'inf' and '1e999' are
-    refused by the parser (one line), so no range check downstream (`lr > 0`, ...) can be passed by inf or nan."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not math.isfinite(value):
-        raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
-    return value
-
-
-SEED_MAX = 2**32 - 1  # numpy's legacy seeding takes 0 .. 2**32 - 1
-
-
-def check_seed(flag: str, value: int) -> None:
-    """Raise UserError unless 0 <= value <= 2**32 - 1 (what seed_everything can pass to numpy)."""
-    if not 0 <= value <= SEED_MAX:
-        raise UserError(f"{flag} must be between 0 and {SEED_MAX}, got {value}")
-
-
-def _gb(n: float) -> str:
-    return f"{n / 2**30:.3g} GB" if math.isfinite(n) else "more than 2**63 bytes"
-
-
-def device_memory(device: torch.device) -> float:
-    """Total memory in bytes of `device`: the GPU's for CUDA, the machine's physical memory otherwise."""
-    if device.type == "cuda":
-        return float(torch.cuda.get_device_properties(device).total_memory)
-    try:
-        return float(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
-    except (ValueError, OSError, AttributeError):  # no sysconf (Windows): nothing to compare with
-        return math.inf
-
-
-def parameter_count(build) -> float:
-    """Number of parameter and buffer elements of the module (or list of modules) `build()` returns, built on the
-    meta device: no memory is used, whatever the sizes. inf when a size is beyond what torch can represent."""
-    try:
-        with torch.device("meta"):
-            built = build()
-    except (RuntimeError, TypeError, ValueError, OverflowError, MemoryError):
-        return math.inf
-    modules = built if isinstance(built, (list, tuple)) else [built]
-    return float(sum(t.numel() for m in modules for t in [*m.parameters(), *m.buffers()]))
-
-
-def _check_fits_old(device: torch.device, needs: dict[str, float]) -> None:
-    """Refuse, before anything is allocated or written, sizes whose memory cannot exist.
-
-    `needs` maps what a group of flags makes (the text names the flags) to its estimated size in bytes, a lower
-    bound (the largest tensors only). An entry above the device's total memory (device_memory), or all entries
-    together, is a UserError naming it. Sizes within the bound can still fail to allocate; run_cli reports those.
-    """
-    total = device_memory(device)
-    for what, size in needs.items():
-        if not size <= total:  # also inf and nan
-            raise UserError(f"{what} needs at least {_gb(size)} of memory, more than the {_gb(total)} of the "
-                            f"{device.type} device: use smaller sizes")
-    size = sum(needs.values())
-    if not size <= total:
-        raise UserError(f"together, {'; '.join(needs)} need at least {_gb(size)} of memory, more than the "
-                        f"{_gb(total)} of the {device.type} device: use smaller sizes")
-
-
-class _CountBytes(TorchDispatchMode):
-    """Sums the bytes of every tensor that the operations run under it return."""
-
-    def __init__(self):
+    def __init__(self, std: float):
         super().__init__()
-        self.bytes = 0
+        self.std = std
 
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        if func._schema.is_mutable:  # in-place: no new memory
-            return out
-        for t in torch.utils._pytree.tree_leaves(out):
-            if isinstance(t, torch.Tensor) and not t._is_view():
-                self.bytes += t.numel() * t.element_size()
-        return out
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.std * torch.randn_like(x) if self.training and self.std > 0 else x
+
+    def extra_repr(self) -> str:
+        return f"std={self.std}"
 
 
-def _too_large(e: BaseException) -> bool:
-    text = str(e).lower()
-    return isinstance(e, (OverflowError, MemoryError)) or any(
-        s in text for s in ("overflow", "too large", "numel", "invalid size", "negative dimension", "out of range"))
+class MinibatchDiscrimination(nn.Module):
+    """Minibatch discrimination (Salimans et al. 2016, eq. 4-5). (B, in_features) → (B, in_features + kernels).
 
+    M_i = f(x_i) T reshaped to (kernels, kernel_dim); c_b(x_i, x_j) = exp(-||M_i,b - M_j,b||_L1);
+    o(x_i)_b = Σ_{j≠i} c_b(x_i, x_j); the output is [x, o(x) + bias]. A collapsed batch gives o ≈ B-1 per kernel,
+    a diverse one o ≈ 0: that is how D sees a lack of diversity.
 
-def check_fits(device: torch.device, flags, step=None, extra: dict[str, float] | None = None) -> None:
-    """Refuse, before anything is allocated or written, sizes whose memory cannot exist on `device`.
-
-    `step()` builds the models and runs one training forward of them (whole batch) and returns the models; it runs
-    on the meta device, so nothing is allocated whatever the sizes. Counted: every tensor its operations return
-    (the activations a backward keeps, and the parameters as they are made) plus three more copies of the
-    parameters (gradients and Adam's two moments). `flags` names the flags that set these sizes. `extra` maps
-    other needs (text naming their flags: data sets, sample batches) to bytes. A need, or all together, beyond the
-    device's memory (device_memory) is a UserError naming the flags; sizes beyond 64 bits count as infinite.
-    Sizes within the bound can still fail to allocate; run_cli reports those in one line.
+    Initial values as openai/improved-gan's MinibatchLayer (mnist_svhn_cifar10/nn.py): each of the K·D columns of
+    T is a random Gaussian direction of unit L2 norm over the inputs (openai's θ · exp(log_weight_scale) / ||θ||
+    with θ ~ N(0, 0.05²), log_weight_scale = 0); the bias starts at -1; j = i is excluded (openai adds 1e6 to the
+    diagonal distances, exp(-1e6) = 0). Departure: T is trained directly, not through openai's (θ,
+    log_weight_scale) weight-norm parametrisation: the same function and initial values, another optimisation
+    geometry. improved_gan_cifar.init_minibatch_disc adds openai's data-dependent init.
     """
-    if isinstance(flags, dict):
-        return _check_fits_old(device, flags)
+
+    def __init__(self, in_features: int, kernels: int = 100, kernel_dim: int = 5):
+        super().__init__()
+        self.kernels, self.kernel_dim = kernels, kernel_dim
+        theta = torch.randn(in_features, kernels * kernel_dim) * 0.05
+        self.T = nn.Parameter(theta / theta.norm(dim=0, keepdim=True))  # unit-norm columns, as openai's W
+        self.bias = nn.Parameter(torch.full((kernels,), -1.0))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # float32 also under autocast: in bf16 the L1 distances of a near-collapsed batch are off by 1-4, which
+        # is exactly the signal this layer exists for
+        with torch.autocast(x.device.type, enabled=False):
+            m = (x.float() @ self.T.float()).view(-1, self.kernels, self.kernel_dim)  # (B, K, D)
+            l1 = (m.unsqueeze(0) - m.unsqueeze(1)).abs().sum(dim=3)  # (B, B, K): ||M_i - M_j||_1 per kernel
+            c = torch.exp(-l1)
+            o = c.sum(dim=1) - 1.0  # drop the j = i term, which is exp(0) = 1
+            return torch.cat([x.float(), o + self.bias.float()], dim=1)
+
+
+class VirtualBatchNorm(nn.Module):
+    """Virtual batch normalisation (Salimans et al. 2016, sec. 3.4) for (B, C) or (B, C, H, W) inputs.
+
+    Each example is normalised with the statistics of a fixed reference batch plus itself (weights N/(N+1) and
+    1/(N+1), as in the official code), so its output does not depend on its batch-mates; the reference batch uses
+    its own statistics, recomputed with gradient by vbn_reference_pass before every forward (the batch is fixed,
+    the weights are not). float32 also under autocast: E[x²] - E[x]² cancels in bf16 (mean 3, std 0.1: a variance
+    of 0.01 against terms of ~9, below bf16's resolution). The output has the input's dtype.
+    """
+
+    def __init__(self, num_features: int, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(num_features))
+        self.bias = nn.Parameter(torch.zeros(num_features))
+        self.capturing = False
+        self.ref_mean = self.ref_meansq = None  # (C,) mean and mean of squares over the reference batch
+        self.ref_size = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape, out_dtype, x = (1, -1) + (1,) * (x.dim() - 2), x.dtype, x.float()
+        if self.capturing:
+            dims = [0, *range(2, x.dim())]  # batch and spatial dimensions
+            self.ref_mean, self.ref_meansq, self.ref_size = x.mean(dims), (x * x).mean(dims), x.shape[0]
+            mean, meansq = self.ref_mean.view(shape), self.ref_meansq.view(shape)
+        else:
+            if self.ref_mean is None:
+                raise RuntimeError("VirtualBatchNorm: call vbn_reference_pass(model, z_ref) before the forward")
+            sdims = list(range(2, x.dim()))  # an example's own statistics: the spatial mean of conv features
+            x_mean = x.mean(sdims, keepdim=True) if sdims else x
+            x_meansq = (x * x).mean(sdims, keepdim=True) if sdims else x * x
+            new = 1.0 / (self.ref_size + 1.0)
+            mean = new * x_mean + (1.0 - new) * self.ref_mean.view(shape)
+            meansq = new * x_meansq + (1.0 - new) * self.ref_meansq.view(shape)
+        var = (meansq - mean * mean).clamp_min(0.0)
+        y = (x - mean) * torch.rsqrt(var + self.eps) * self.weight.float().view(shape) + self.bias.float().view(shape)
+        return y.to(out_dtype)
+
+
+def vbn_reference_pass(model: nn.Module, *ref_inputs) -> torch.Tensor:
+    """`model(*ref_inputs)` with every VirtualBatchNorm capturing its reference statistics; returns the output.
+    Call it before each (training or sampling) forward of a model with VBN layers."""
+    layers = [m for m in model.modules() if isinstance(m, VirtualBatchNorm)]
+    for m in layers:
+        m.capturing = True
     try:
-        with torch.device("meta"), _CountBytes() as count:
-            models = step()
-        params = sum(t.numel() * t.element_size() for m in models for t in m.parameters())
-        size = float(count.bytes + 3 * params)
-    except (RuntimeError, TypeError, ValueError, OverflowError, MemoryError) as e:
-        if not _too_large(e):
-            raise
-        size = math.inf
-    needs = {flags: size, **(extra or {})}
-    total = device_memory(device)
-    for what, need in needs.items():
-        if not need <= total:  # also inf and nan
-            raise UserError(f"{what} need at least {_gb(need)} of memory, more than the {_gb(total)} of the "
-                            f"{device.type} device: use smaller sizes")
-    if not sum(needs.values()) <= total:
-        raise UserError(f"together, {'; '.join(needs)} need at least {_gb(sum(needs.values()))} of memory, more "
-                        f"than the {_gb(total)} of the {device.type} device: use smaller sizes")
+        return model(*ref_inputs)
+    finally:
+        for m in layers:
+            m.capturing = False
 
 
-class StopRequest:
-    """Ctrl-C (SIGINT) as a request to stop at the next step boundary.
+class _WeightNormMixin:
+    """Weight normalisation W = g · V / ||V|| (Salimans & Kingma 2016) with openai/improved-gan's data-dependent
+    init (nn.py): the first forward in training mode (a large batch, run by the script under torch.no_grad) sets
+    g = init_scale / std and bias = -mean · g of each output unit's pre-activations, so they start with zero mean
+    and standard deviation `init_scale`. Parameters v, g, bias; the `initialized` buffer goes into checkpoints."""
 
-    While installed, the signal only sets a flag; the training loop tests it (`if stop:`) after each step, saves a
-    checkpoint there and raises `interrupted(...)`, so the run continues exactly with --resume. A second Ctrl-C
-    interrupts at once (KeyboardInterrupt), for a step that never ends. `restore()` puts the previous handler back.
-    Signal handlers can only be installed from the main thread; elsewhere Ctrl-C keeps its default behaviour.
-    """
+    def _wn_setup(self, v_shape, out_features: int, out_dim: int, init_scale: float, init_std: float):
+        self.out_dim = out_dim  # which dimension of v indexes output units
+        self.init_scale = init_scale
+        self.v = nn.Parameter(torch.randn(v_shape) * init_std)
+        self.g = nn.Parameter(torch.ones(out_features))
+        self.bias = nn.Parameter(torch.zeros(out_features))
+        self.register_buffer("initialized", torch.tensor(False))
+        self._init_checked = False
 
-    def __init__(self):
-        self.requested = False
-        self._previous = None
-        try:
-            self._previous = signal.signal(signal.SIGINT, self._handle)
-        except ValueError:  # not the main thread
-            pass
+    def _load_from_state_dict(self, *args, **kwargs):
+        self._init_checked = False  # the loaded `initialized` flag decides again
+        super()._load_from_state_dict(*args, **kwargs)
 
-    def _handle(self, signum, frame):
-        if self.requested:
-            raise KeyboardInterrupt
-        self.requested = True
+    def _weight(self) -> torch.Tensor:
+        dims = [d for d in range(self.v.dim()) if d != self.out_dim]
+        shape = [-1 if d == self.out_dim else 1 for d in range(self.v.dim())]
+        return self.v * (self.g.view(shape) / self.v.pow(2).sum(dims, keepdim=True).sqrt())
 
-    def __bool__(self) -> bool:
-        return self.requested
-
-    def restore(self) -> None:
-        if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)
-            self._previous = None
-
-
-def interrupted(script: str, argv: list[str] | None, step: int, checkpoint: str | Path) -> Interrupted:
-    """The `Interrupted` to raise after Ctrl-C stopped a run at `step` and `checkpoint` was saved: its message is the
-    command that continues the run (the script's flags, `argv` or sys.argv[1:], with --resume replaced)."""
-    flags, skip = [], False
-    for token in (sys.argv[1:] if argv is None else list(argv)):
-        if skip or token == "--resume":
-            skip = not skip
-            continue
-        if not token.startswith("--resume="):
-            flags.append(str(token))
-    command = shlex.join(["python", Path(script).name, *flags, "--resume", str(checkpoint)])
-    return Interrupted(f"stopped at step {step}, checkpoint saved to {checkpoint}; continue with: {command}")
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # `initialized` is read once and the answer cached: bool() of a tensor is a host-device sync on a GPU and a
+        # graph break under torch.compile (run the init forward eagerly, before compiling)
+        if self.training and not self._init_checked and not torch.compiler.is_compiling():
+            self._init_checked = True
+            if not bool(self.initialized):
+                with torch.no_grad():
+                    self.g.fill_(1.0)
+                    self.bias.zero_()
+                    pre = self._apply_weight(x, self._weight(), self.bias)  # unit-norm directions, zero bias
+                    dims = [0] + list(range(2, pre.dim()))
+                    mean, var = pre.mean(dims), pre.var(dims, unbiased=False)
+                    self.g.copy_(self.init_scale / torch.sqrt(var + 1e-8))
+                    self.bias.copy_(-mean * self.g)
+                    self.initialized.fill_(True)
+        return self._apply_weight(x, self._weight(), self.bias)
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Set-up
-# ----------------------------------------------------------------------------------------------------------------
-def seed_everything(seed: int, torch_deterministic: bool = False) -> None:
-    """Seed python, numpy and torch (all devices) and choose the CUDA kernels.
+class WNLinear(_WeightNormMixin, nn.Module):
+    """Weight-normalised linear layer with data-dependent init. (B, in_features) → (B, out_features)."""
 
-    torch_deterministic False (the scripts' default, for speed on a GPU): cuDNN autotuning (`benchmark`) and TF32
-    tensor cores for float32 matrix products and convolutions (Ampere and newer). True: deterministic cuDNN
-    algorithms (torch.use_deterministic_algorithms, warning where an op has none; CUBLAS_WORKSPACE_CONFIG), no
-    autotuning, full float32 products, so a CUDA run repeats bit for bit on the same GPU and software.
-    CPU runs are bit-reproducible either way (none of these settings touches the CPU kernels).
-    """
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-    if torch_deterministic:  # cuBLAS needs a fixed workspace for repeatable products (before its first use)
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-    torch.use_deterministic_algorithms(torch_deterministic, warn_only=True)
-    torch.backends.cudnn.deterministic = torch_deterministic
-    torch.backends.cudnn.benchmark = not torch_deterministic
-    torch.backends.cuda.matmul.allow_tf32 = not torch_deterministic
-    torch.backends.cudnn.allow_tf32 = not torch_deterministic
+    def __init__(self, in_features: int, out_features: int, init_scale: float = 1.0, init_std: float = 0.05):
+        super().__init__()
+        self._wn_setup((out_features, in_features), out_features, 0, init_scale, init_std)
+
+    def _apply_weight(self, x, w, b):
+        return F.linear(x, w, b)
 
 
-def pick_device(spec: str) -> torch.device:
-    """`auto` → cuda if available else cpu; `cpu`, `cuda`, `cuda:N` as given, checked to exist."""
-    if spec == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(spec)
-    except RuntimeError:
-        raise UserError(f"--device {spec!r} is not a device (use auto, cpu, cuda or cuda:N)") from None
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise UserError(f"--device {spec} asked for CUDA but no CUDA GPU is available (use --device cpu)")
-        if device.index is not None and device.index >= torch.cuda.device_count():
-            raise UserError(f"--device {spec}: only {torch.cuda.device_count()} CUDA device(s) present")
-    elif device.type != "cpu":
-        raise UserError(f"--device {spec!r} is not supported (use auto, cpu, cuda or cuda:N)")
-    return device
+class WNConv2d(_WeightNormMixin, nn.Module):
+    """Weight-normalised Conv2d with data-dependent init. (B, C_in, H, W) → (B, C_out, H', W')."""
+
+    def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, init_scale=1.0, init_std=0.05):
+        super().__init__()
+        self.stride, self.padding = stride, padding
+        self._wn_setup((out_channels, in_channels, kernel_size, kernel_size), out_channels, 0, init_scale, init_std)
+
+    def _apply_weight(self, x, w, b):
+        return F.conv2d(x, w, b, self.stride, self.padding)
 
 
-def check_host_sync(enabled: bool) -> None:
-    """CUDA only: make every host synchronisation raise (enabled) or be allowed again (torch.cuda.set_sync_debug_mode).
+class WNConvTranspose2d(_WeightNormMixin, nn.Module):
+    """Weight-normalised ConvTranspose2d with data-dependent init. (B, C_in, H, W) → (B, C_out, H', W'). Its
+    weight is (C_in, C_out, k, k), as PyTorch stores it: the output unit is dimension 1."""
 
-    The scripts' `--check-host-sync` turns it on around the body of each training step (not around logging,
-    evaluation or checkpoints), so that a CUDA run proves its steps never wait on the host (tests/test_cuda.py).
-    """
-    torch.cuda.set_sync_debug_mode("error" if enabled else "default")
+    def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, output_padding=0,
+                 init_scale=1.0, init_std=0.05):
+        super().__init__()
+        self.stride, self.padding, self.output_padding = stride, padding, output_padding
+        self._wn_setup((in_channels, out_channels, kernel_size, kernel_size), out_channels, 1, init_scale, init_std)
 
-
-def autocast(device: torch.device, amp: str):
-    """Autocast context for `--amp {off,bf16,fp16}`. fp16 also needs a GradScaler (the scripts create one)."""
-    if amp == "off":
-        return nullcontext()
-    if amp == "fp16" and device.type != "cuda":
-        raise UserError("--amp fp16 needs a CUDA device (use --amp bf16 on CPU)")
-    dtype = torch.bfloat16 if amp == "bf16" else torch.float16
-    return torch.autocast(device_type=device.type, dtype=dtype)
+    def _apply_weight(self, x, w, b):
+        return F.conv_transpose2d(x, w, b, self.stride, self.padding, self.output_padding)
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Top-k (Sinha et al. 2020)
+# GAN helpers: top-k (Sinha et al. 2020), the top-k and minibatch-discrimination flag groups, feature matching
 # ----------------------------------------------------------------------------------------------------------------
 def validate_topk(batch_size: int, mu: int, gamma: float) -> None:
-    """Raise UserError unless 1 <= mu <= batch_size and 0 < gamma <= 1."""
     if not 1 <= mu <= batch_size:
         raise UserError(f"--mu must be between 1 and the batch size {batch_size}, got {mu}")
     if not (0.0 < gamma <= 1.0) or math.isnan(gamma):
@@ -403,12 +253,9 @@ def validate_topk(batch_size: int, mu: int, gamma: float) -> None:
 
 
 def topk_k(batch_size: int, epoch: int, mu: int, gamma: float) -> int:
-    """Number of fakes the generator learns from in `epoch` (0-based): k = max(mu, floor(B * gamma**epoch)).
-
-    Computed from the epoch counter alone, so a resumed run gets the same k. `epoch` 0 gives k = B.
-    """
-    # The tiny epsilon keeps floor() from losing one sample to rounding when B * gamma**epoch is an integer
-    # (e.g. 128 * 0.5**1 computed as 63.99999...).
+    """Fakes the generator learns from in `epoch` (0-based): k = max(mu, floor(B * gamma**epoch)); epoch 0 gives B.
+    A function of the epoch alone, so a resumed run gets the same k."""
+    # + 1e-9: floor() must not lose a sample when B * gamma**epoch is an integer (128 * 0.5**1 = 63.99999...)
     return max(mu, int(math.floor(batch_size * gamma**epoch + 1e-9)))
 
 
@@ -418,7 +265,6 @@ def select_topk(scores: torch.Tensor, k: int, largest: bool = True) -> torch.Ten
     if k >= scores.numel():
         return torch.arange(scores.numel(), device=scores.device)
     return torch.topk(scores.detach().float(), k, largest=largest, sorted=False).indices
-
 
 def add_topk_flags(p: argparse.ArgumentParser, mu_default: str = "half the batch"):
     """--topk, --mu, --gamma, --bottomk (every script); returns the group, for a script's own top-k flags."""
@@ -488,243 +334,25 @@ def feature_matching_loss(feat_real: torch.Tensor, feat_fake: torch.Tensor, form
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Layers
-# ----------------------------------------------------------------------------------------------------------------
-class GaussianNoise(nn.Module):
-    """Adds N(0, std²) noise in training mode only; identity in eval mode. Any shape."""
-
-    def __init__(self, std: float):
-        super().__init__()
-        self.std = std
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.training and self.std > 0:
-            return x + self.std * torch.randn_like(x)
-        return x
-
-    def extra_repr(self) -> str:
-        return f"std={self.std}"
-
-
-class MinibatchDiscrimination(nn.Module):
-    """Minibatch discrimination (Salimans et al. 2016, eq. 4-5). (B, in_features) → (B, in_features + kernels).
-
-    M_i = f(x_i) T reshaped to (kernels, kernel_dim); c_b(x_i, x_j) = exp(-||M_i,b - M_j,b||_L1);
-    o(x_i)_b = Σ_{j≠i} c_b(x_i, x_j). The output is [x, o(x) + bias]. A collapsed batch (all rows equal) gives
-    o ≈ B-1 per kernel, a diverse one o ≈ 0, which is what lets D see a lack of diversity.
-
-    Initial values as openai/improved-gan's `MinibatchLayer` (mnist_svhn_cifar10/nn.py). Its tensor is
-    W = θ · exp(log_weight_scale) / ||θ|| with θ ~ N(0, 0.05²), log_weight_scale = 0 and the L2 norm taken over the
-    inputs, separately for each of the K·D (kernel, dimension) columns: every column starts as a random Gaussian
-    direction of unit L2 norm (the 0.05 cancels). T starts the same way: N(0, 0.05²) draws, each column divided by
-    its L2 norm. The per-kernel bias starts at -1 (openai's b); the self-distance is excluded (j ≠ i; openai adds
-    1e6 to the diagonal distances, exp(-1e6) = 0). One difference: T is trained directly, not through openai's
-    (θ, log_weight_scale) weight-norm parametrisation, so the function and the initial values are the same and the
-    optimisation geometry is not. improved_gan_cifar.init_minibatch_disc adds openai's data-dependent init.
-    """
-
-    def __init__(self, in_features: int, kernels: int = 100, kernel_dim: int = 5):
-        super().__init__()
-        self.kernels, self.kernel_dim = kernels, kernel_dim
-        theta = torch.randn(in_features, kernels * kernel_dim) * 0.05
-        self.T = nn.Parameter(theta / theta.norm(dim=0, keepdim=True))  # unit-norm columns, as openai's W
-        self.bias = nn.Parameter(torch.full((kernels,), -1.0))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # float32 also under autocast: in bf16 the L1 distances of a near-collapsed batch are off by 1-4, which
-        # is exactly the signal this layer exists for
-        with torch.autocast(x.device.type, enabled=False):
-            m = (x.float() @ self.T.float()).view(-1, self.kernels, self.kernel_dim)  # (B, K, D)
-            l1 = (m.unsqueeze(0) - m.unsqueeze(1)).abs().sum(dim=3)  # (B, B, K): ||M_i - M_j||_1 per kernel
-            c = torch.exp(-l1)
-            o = c.sum(dim=1) - 1.0  # drop the j = i term, which is exp(0) = 1
-            return torch.cat([x.float(), o + self.bias.float()], dim=1)
-
-
-class VirtualBatchNorm(nn.Module):
-    """Virtual batch normalisation (Salimans et al. 2016, sec. 3.4) for (B, C) or (B, C, H, W) inputs.
-
-    Statistics and normalisation are computed in float32 (also under autocast); the output has the input's dtype.
-    Each example is normalised with the statistics of a fixed reference batch *plus itself*
-    (weights 1/(N+1) and N/(N+1), as in the official code), so an example's output does not depend on its
-    batch-mates. The reference statistics are recomputed, with gradient, on every forward of the model by
-    `vbn_reference_pass(model, z_ref)` (the reference batch is fixed, the weights are not); the reference batch
-    itself is normalised by its own statistics.
-    """
-
-    def __init__(self, num_features: int, eps: float = 1e-5):
-        super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(num_features))
-        self.bias = nn.Parameter(torch.zeros(num_features))
-        self.capturing = False
-        self.ref_mean: torch.Tensor | None = None  # (C,) mean over the reference batch
-        self.ref_meansq: torch.Tensor | None = None  # (C,) mean of squares over the reference batch
-        self.ref_size = 0
-
-    def _shape(self, x: torch.Tensor) -> tuple[int, ...]:
-        return (1, -1) + (1,) * (x.dim() - 2)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dims = [0] + list(range(2, x.dim()))  # batch and spatial dimensions
-        shape = self._shape(x)
-        out_dtype = x.dtype
-        # Statistics in float32 whatever the autocast dtype: E[x^2] - E[x]^2 cancels catastrophically in bf16/fp16
-        # (mean 3, std 0.1: the variance is 0.01 against terms of ~9, below bf16's resolution of 9).
-        x = x.float()
-        if self.capturing:
-            mean, meansq = x.mean(dims), (x * x).mean(dims)
-            self.ref_mean, self.ref_meansq, self.ref_size = mean, meansq, x.shape[0]
-            mean, meansq = mean.view(shape), meansq.view(shape)
-        else:
-            if self.ref_mean is None:
-                raise RuntimeError("VirtualBatchNorm: call vbn_reference_pass(model, z_ref) before the forward")
-            # Per-example statistics (spatial mean for conv features), combined with the reference batch.
-            sdims = list(range(2, x.dim()))
-            x_mean = x.mean(sdims, keepdim=True) if sdims else x
-            x_meansq = (x * x).mean(sdims, keepdim=True) if sdims else x * x
-            new = 1.0 / (self.ref_size + 1.0)
-            mean = new * x_mean + (1.0 - new) * self.ref_mean.view(shape)
-            meansq = new * x_meansq + (1.0 - new) * self.ref_meansq.view(shape)
-        var = (meansq - mean * mean).clamp_min(0.0)
-        y = (x - mean) * torch.rsqrt(var + self.eps) * self.weight.float().view(shape) + self.bias.float().view(shape)
-        return y.to(out_dtype)
-
-
-def vbn_reference_pass(model: nn.Module, *ref_inputs) -> torch.Tensor:
-    """Run `model(*ref_inputs)` with every VirtualBatchNorm capturing its reference statistics; return the output.
-
-    Call it once before each (training or sampling) forward of a model that contains VBN layers.
-    """
-    layers = [m for m in model.modules() if isinstance(m, VirtualBatchNorm)]
-    for m in layers:
-        m.capturing = True
-    try:
-        return model(*ref_inputs)
-    finally:
-        for m in layers:
-            m.capturing = False
-
-
-class _WeightNormMixin:
-    """Weight normalisation W = g · V / ||V|| (Salimans & Kingma 2016) with data-dependent initialisation.
-
-    Parameters: `v` (the direction), `g` (one scale per output unit), `bias`. The first forward in training mode
-    (normally a large batch run by the script under torch.no_grad) sets g = init_scale / std and
-    bias = -mean · g of the pre-activations per output unit, so they start with zero mean and standard deviation
-    `init_scale` on that batch (openai/improved-gan `nn.py`). The `initialized` buffer is saved in checkpoints.
-    """
-
-    def _wn_setup(self, v_shape, out_features: int, out_dim: int, init_scale: float, init_std: float):
-        self.out_dim = out_dim  # which dimension of v indexes output units
-        self.init_scale = init_scale
-        self.v = nn.Parameter(torch.randn(v_shape) * init_std)
-        self.g = nn.Parameter(torch.ones(out_features))
-        self.bias = nn.Parameter(torch.zeros(out_features))
-        self.register_buffer("initialized", torch.tensor(False))
-        self._init_checked = False
-
-    def _load_from_state_dict(self, *args, **kwargs):
-        self._init_checked = False  # the loaded `initialized` flag decides again
-        super()._load_from_state_dict(*args, **kwargs)
-
-    def _weight(self) -> torch.Tensor:
-        dims = [d for d in range(self.v.dim()) if d != self.out_dim]
-        norm = self.v.pow(2).sum(dims, keepdim=True).sqrt()
-        gshape = [1] * self.v.dim()
-        gshape[self.out_dim] = -1
-        return self.v * (self.g.view(gshape) / norm)
-
-    def _wn_forward(self, x: torch.Tensor) -> torch.Tensor:
-        # The buffer is read once and the answer cached in Python: bool() of a tensor is a host-device sync on the
-        # GPU and a graph break under torch.compile (run the init forward eagerly, before compiling).
-        if self.training and not self._init_checked and not torch.compiler.is_compiling():
-            self._init_checked = True
-            if bool(self.initialized):
-                return self._apply_weight(x, self._weight(), self.bias)
-            with torch.no_grad():
-                self.g.fill_(1.0)
-                self.bias.zero_()
-                pre = self._apply_weight(x, self._weight(), self.bias)  # unit-norm directions, zero bias
-                dims = [0] + list(range(2, pre.dim()))
-                mean, var = pre.mean(dims), pre.var(dims, unbiased=False)
-                self.g.copy_(self.init_scale / torch.sqrt(var + 1e-8))
-                self.bias.copy_(-mean * self.g)
-                self.initialized.fill_(True)
-        return self._apply_weight(x, self._weight(), self.bias)
-
-
-class WNLinear(_WeightNormMixin, nn.Module):
-    """Weight-normalised linear layer with data-dependent init. (B, in_features) → (B, out_features)."""
-
-    def __init__(self, in_features: int, out_features: int, init_scale: float = 1.0, init_std: float = 0.05):
-        super().__init__()
-        self._wn_setup((out_features, in_features), out_features, 0, init_scale, init_std)
-
-    def _apply_weight(self, x, w, b):
-        return F.linear(x, w, b)
-
-    def forward(self, x):
-        return self._wn_forward(x)
-
-
-class WNConv2d(_WeightNormMixin, nn.Module):
-    """Weight-normalised Conv2d with data-dependent init. (B, C_in, H, W) → (B, C_out, H', W')."""
-
-    def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, init_scale=1.0, init_std=0.05):
-        super().__init__()
-        self.stride, self.padding = stride, padding
-        self._wn_setup((out_channels, in_channels, kernel_size, kernel_size), out_channels, 0, init_scale, init_std)
-
-    def _apply_weight(self, x, w, b):
-        return F.conv2d(x, w, b, self.stride, self.padding)
-
-    def forward(self, x):
-        return self._wn_forward(x)
-
-
-class WNConvTranspose2d(_WeightNormMixin, nn.Module):
-    """Weight-normalised ConvTranspose2d with data-dependent init. (B, C_in, H, W) → (B, C_out, H', W').
-
-    PyTorch stores the transposed-conv weight as (C_in, C_out, k, k): the output unit is dimension 1.
-    """
-
-    def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, output_padding=0,
-                 init_scale=1.0, init_std=0.05):
-        super().__init__()
-        self.stride, self.padding, self.output_padding = stride, padding, output_padding
-        self._wn_setup((in_channels, out_channels, kernel_size, kernel_size), out_channels, 1, init_scale, init_std)
-
-    def _apply_weight(self, x, w, b):
-        return F.conv_transpose2d(x, w, b, self.stride, self.padding, self.output_padding)
-
-    def forward(self, x):
-        return self._wn_forward(x)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Training helpers
+# GAN helpers: parameter averaging
 # ----------------------------------------------------------------------------------------------------------------
 class HistoricalAverage:
-    """Historical averaging (Salimans et al. 2016, sec. 3.3): penalty ||θ - (1/t) Σ_{i<t} θ_i||² (summed).
-
-    `penalty(model)` is differentiable in the current parameters; call `update(model)` after each optimizer step
-    to add the new parameters to the uniform running mean. The mean is kept in float32 on the parameters' device.
-    """
+    """Historical averaging (Salimans et al. 2016, sec. 3.3): the penalty ||θ - (1/t) Σ_{i<t} θ_i||², summed over
+    the parameters and differentiable in the current θ. `update(model)` after each optimizer step adds θ to the
+    uniform running mean (float32, on the parameters' device), which starts at the initial θ (first penalty 0).
+    Both are multi-tensor kernels, not a Python loop over the tensors."""
 
     def __init__(self, model: nn.Module):
-        self.count = 1  # the history starts with the initial parameters, so the first penalty is 0
+        self.count = 1
         self.mean = [p.detach().clone().float() for p in model.parameters()]
 
     def penalty(self, model: nn.Module) -> torch.Tensor:
-        """Sum over all parameters of ||θ - mean||², one multi-tensor kernel per op (no Python loop per tensor)."""
         params = [p.float() for p in model.parameters()]  # no copy for float32 parameters
         return torch.stack(torch._foreach_norm(torch._foreach_sub(params, self.mean))).pow(2).sum()
 
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:
-        """mean ← mean + (θ - mean) / t: the running uniform average, as one multi-tensor lerp."""
-        self.count += 1
+        self.count += 1  # mean ← mean + (θ - mean) / t
         torch._foreach_lerp_(self.mean, [p.detach().float() for p in model.parameters()], 1.0 / self.count)
 
     def state_dict(self) -> dict:
@@ -737,17 +365,14 @@ class HistoricalAverage:
 
 
 class EMA:
-    """Exponential moving average of a model's parameters, for evaluation (Polyak averaging).
+    """Exponential moving average of a model's parameters, for evaluation. `ema.module` is a frozen copy;
+    `update(model)` does θ_ema ← d·θ_ema + (1-d)·θ (multi-tensor kernels) and copies the buffers (batch-norm
+    statistics, weight-norm `initialized`). Create it after any data-dependent init, so it starts from those weights.
 
-    `ema.module` is a frozen copy; `update(model)` does θ_ema ← d·θ_ema + (1-d)·θ and copies buffers (batch-norm
-    statistics, weight-norm `initialized` flags) as they are. Create it after any data-dependent initialisation,
-    so the average starts from the initialised weights.
-
-    d is `decay`, or with `warmup` min(decay, (1 + t) / (10 + t)) for the update number t = 0, 1, 2, ...
-    (TensorFlow's ExponentialMovingAverage with num_updates): the average follows the weights closely at first
-    instead of staying near the initial weights for ~1/(1 - decay) updates, and the decay is `decay` itself from
-    t = (10·decay - 1) / (1 - decay) on (update 89,990 for 0.9999), so long runs average as without warm-up.
-    `num_updates` (t) belongs in checkpoints next to `state_dict()`.
+    d = `decay`, or with `warmup` min(decay, (1 + t) / (10 + t)) at update t = 0, 1, ... (TensorFlow's
+    ExponentialMovingAverage with num_updates): the average follows the weights at first instead of staying near
+    the initial ones for ~1/(1 - decay) updates, and d = decay from t = (10·decay - 1) / (1 - decay) on (89,990 for
+    0.9999). `num_updates` belongs in checkpoints beside state_dict().
     """
 
     def __init__(self, model: nn.Module, decay: float, warmup: bool = False):
@@ -761,8 +386,6 @@ class EMA:
 
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:
-        """θ_ema ← θ_ema + (1 - d)(θ - θ_ema) for all parameters, buffers copied: multi-tensor kernels, not one
-        kernel launch per tensor (the warm-up only changes the weight 1 - d)."""
         torch._foreach_lerp_(list(self.module.parameters()), [p.detach() for p in model.parameters()],
                              1.0 - self.current_decay())
         self.num_updates += 1
@@ -778,23 +401,234 @@ class EMA:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Run folder
+# Run plumbing: one-line errors, the command line, the memory-fit check
 # ----------------------------------------------------------------------------------------------------------------
-def _git_commit() -> str | None:
+class UserError(Exception):
+    """An expected user mistake (flags, data, checkpoint): run_cli prints it as one line, exit status 2."""
+
+
+class Interrupted(Exception):
+    """Ctrl-C or SIGTERM after the run saved a checkpoint at a step boundary; its message is the command that
+    continues the run. run_cli prints it as one line, exit status 130 (the shell's status for SIGINT)."""
+
+
+def one_line(text, limit: int = 300) -> str:
+    """`text` (a message, an exception) as one line of at most `limit` characters (torch's C++ errors span lines)."""
+    line = " ".join(str(text).split())
+    return line if len(line) <= limit else line[: limit - 3] + "..."
+
+
+def describe(e: BaseException) -> str:
+    """`TypeName: first words of the message` on one line (the type name alone when the message is empty)."""
+    message = one_line(e, 200)
+    return f"{type(e).__name__}: {message}" if message else type(e).__name__
+
+
+_OUT_OF_MEMORY = (MemoryError, getattr(torch, "OutOfMemoryError", MemoryError))
+_ALLOCATION_TEXTS = ("can't allocate memory", "not enough memory", "out of memory", "Overflow when unpacking long")
+
+
+def run_cli(main) -> None:
+    """Run `main()` as a command line program: an expected problem is one `error:` line on stderr, exit status 2:
+    a UserError; memory that cannot be allocated (MemoryError, torch.OutOfMemoryError, the CPU allocator's
+    RuntimeError, sizes beyond 64 bits: check_fits refuses what it can foresee); an OSError of a file system that
+    refuses a write (full, over quota, read-only, forbidden, failing). Ctrl-C: status 130, with Interrupted's resume
+    line or, elsewhere, the note that it saved nothing. Any other exception is a bug and keeps its traceback."""
+    def fail(message: str, status: int = 2):
+        print(message, file=sys.stderr, flush=True)
+        sys.exit(status)
+
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent,
-                             capture_output=True, text=True, timeout=5)
-        return out.stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        return None
+        main()
+    except UserError as e:
+        fail(f"error: {one_line(e, 2000)}")
+    except Interrupted as e:
+        fail(f"interrupted: {one_line(e, 2000)}", 130)
+    except KeyboardInterrupt:
+        fail("interrupted: outside a training step, so this interruption saved nothing (checkpoints/last.pt, if "
+             "any, holds the last save)", 130)
+    except (MemoryError, RuntimeError, TypeError, ValueError) as e:
+        text = str(e)
+        if not isinstance(e, _OUT_OF_MEMORY) and not any(marker in text for marker in _ALLOCATION_TEXTS):
+            raise
+        if "Overflow when unpacking long" in text:
+            fail("error: a size or count is beyond what torch can represent (64 bits): use smaller values")
+        wanted = re.search(r"allocate (\d+) bytes", text)
+        size = f" (tried to allocate {_gb(int(wanted.group(1)))})" if wanted else f" ({describe(e)})"
+        fail(f"error: out of memory{size}: use smaller sizes (batch, model width, samples)")
+    except OSError as e:
+        if e.errno not in {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG, errno.EIO}:
+            raise
+        fail(f"error: {e.strerror or describe(e)}: {e.filename or '(file unknown)'}")
 
 
-def _write_atomically(path: Path, write) -> None:
-    """Call `write(file)` on a new temporary file of a unique name in `path`'s folder, then rename it to `path`.
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    def _get_help_string(self, action):  # no "(default: None)": those flags say in their help what they default to
+        return action.help if action.default is None else super()._get_help_string(action)
 
-    The name is unique (tempfile.mkstemp), so two writers of one path never share a temporary file; the rename is
-    atomic, so `path` is always the old or the new complete content. On any failure the temporary file is removed.
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse.ArgumentParser whose own errors (wrong type, invalid choice, unknown flag) are one `error:` line
+    with exit status 2, instead of argparse's 20-35 line usage block (still shown by --help); no abbreviations."""
+
+    def __init__(self, *a, **kw):
+        kw.setdefault("formatter_class", _HelpFormatter)
+        kw.setdefault("allow_abbrev", False)  # --resum is not --resume
+        super().__init__(*a, **kw)
+
+    def error(self, message):
+        self.exit(2, f"error: {one_line(message, 2000)} (see {self.prog} --help)\n")
+
+
+def finite_float(text: str) -> float:
+    """argparse `type=` of every float flag: 'nan', 'inf' and '1e999' are refused, so no range check downstream
+    (`lr > 0`, ...) can be passed by them."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
+    return value
+
+
+SEED_MAX = 2**32 - 1  # numpy's legacy seeding takes 0 .. 2**32 - 1
+
+
+def check_seed(flag: str, value: int) -> None:
+    if not 0 <= value <= SEED_MAX:
+        raise UserError(f"{flag} must be between 0 and {SEED_MAX}, got {value}")
+
+
+def _gb(n: float) -> str:
+    return f"{n / 2**30:.3g} GB" if math.isfinite(n) else "more than 2**63 bytes"
+
+
+def device_memory(device: torch.device) -> float:
+    """Total memory in bytes of `device`: the GPU's for CUDA, the machine's physical memory otherwise."""
+    if device.type == "cuda":
+        return float(torch.cuda.get_device_properties(device).total_memory)
+    try:
+        return float(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+    except (ValueError, OSError, AttributeError):  # no sysconf (Windows): nothing to compare with
+        return math.inf
+
+
+class _CountBytes(TorchDispatchMode):
+    """Sums the bytes of every tensor that the operations run under it return."""
+
+    def __init__(self):
+        super().__init__()
+        self.bytes = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func._schema.is_mutable:  # in-place: no new memory
+            return out
+        for t in torch.utils._pytree.tree_leaves(out):
+            if isinstance(t, torch.Tensor) and not t._is_view():
+                self.bytes += t.numel() * t.element_size()
+        return out
+
+
+def _too_large(e: BaseException) -> bool:
+    text = str(e).lower()
+    return isinstance(e, (OverflowError, MemoryError)) or any(
+        s in text for s in ("overflow", "too large", "numel", "invalid size", "negative dimension", "out of range"))
+
+
+def check_fits(device: torch.device, flags: str, step, extra: dict[str, float] | None = None) -> None:
+    """Refuse, before anything is allocated or written, sizes whose memory cannot exist on `device`.
+
+    `step()` builds the models and runs one training forward of them (whole batch) and returns the models; it runs
+    on the meta device, so nothing is allocated whatever the sizes. Counted: every tensor its operations return
+    (the activations a backward keeps, and the parameters as they are made) plus three more copies of the
+    parameters (gradients and Adam's two moments). `flags` names the flags that set these sizes. `extra` maps
+    other needs (text naming their flags: data sets, sample batches) to bytes. A need, or all together, beyond the
+    device's memory (device_memory) is a UserError naming the flags; sizes beyond 64 bits count as infinite.
+    Sizes within the bound can still fail to allocate; run_cli reports those in one line.
     """
+    try:
+        with torch.device("meta"), _CountBytes() as count:
+            models = step()
+        params = sum(t.numel() * t.element_size() for m in models for t in m.parameters())
+        size = float(count.bytes + 3 * params)
+    except (RuntimeError, TypeError, ValueError, OverflowError, MemoryError) as e:
+        if not _too_large(e):
+            raise
+        size = math.inf
+    needs = {flags: size, **(extra or {})}
+    total = device_memory(device)
+    for what, need in needs.items():
+        if not need <= total:  # also inf and nan
+            raise UserError(f"{what} need at least {_gb(need)} of memory, more than the {_gb(total)} of the "
+                            f"{device.type} device: use smaller sizes")
+    if not sum(needs.values()) <= total:
+        raise UserError(f"together, {'; '.join(needs)} need at least {_gb(sum(needs.values()))} of memory, more "
+                        f"than the {_gb(total)} of the {device.type} device: use smaller sizes")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Run plumbing: set-up
+# ----------------------------------------------------------------------------------------------------------------
+def seed_everything(seed: int, torch_deterministic: bool = False) -> None:
+    """Seed python, numpy and torch (all devices) and choose the CUDA kernels. torch_deterministic False (fastest
+    on a GPU): cuDNN autotuning and TF32 tensor cores (Ampere and newer). True: deterministic algorithms (a warning
+    where an op has none), no autotuning, full float32, so a CUDA run repeats bit for bit on the same GPU and
+    software. CPU runs repeat bit for bit either way (none of these settings touches the CPU kernels)."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    if torch_deterministic:  # cuBLAS needs a fixed workspace for repeatable products (before its first use)
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(torch_deterministic, warn_only=True)
+    torch.backends.cudnn.deterministic = torch_deterministic
+    torch.backends.cudnn.benchmark = not torch_deterministic
+    torch.backends.cuda.matmul.allow_tf32 = not torch_deterministic
+    torch.backends.cudnn.allow_tf32 = not torch_deterministic
+
+
+def pick_device(spec: str) -> torch.device:
+    """`auto` → cuda if available else cpu; `cpu`, `cuda`, `cuda:N` as given, checked to exist."""
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(spec)
+    except RuntimeError:
+        raise UserError(f"--device {spec!r} is not a device (use auto, cpu, cuda or cuda:N)") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UserError(f"--device {spec} asked for CUDA but no CUDA GPU is available (use --device cpu)")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise UserError(f"--device {spec}: only {torch.cuda.device_count()} CUDA device(s) present")
+    elif device.type != "cpu":
+        raise UserError(f"--device {spec!r} is not supported (use auto, cpu, cuda or cuda:N)")
+    return device
+
+
+def check_host_sync(enabled: bool) -> None:
+    """CUDA only: make every host synchronisation raise (enabled) or be allowed again. `--check-host-sync` turns it
+    on around the body of each training step, so a CUDA run proves its steps never wait on the host."""
+    torch.cuda.set_sync_debug_mode("error" if enabled else "default")
+
+
+def autocast(device: torch.device, amp: str):
+    """Autocast context for `--amp {off,bf16,fp16}`. fp16 also needs a GradScaler (the scripts create one)."""
+    if amp == "off":
+        return nullcontext()
+    if amp == "fp16" and device.type != "cuda":
+        raise UserError("--amp fp16 needs a CUDA device (use --amp bf16 on CPU)")
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Run plumbing: the run folder
+# ----------------------------------------------------------------------------------------------------------------
+def write_atomically(path: str | Path, write) -> None:
+    """Call `write(file)` on a new temporary file in `path`'s folder, flush it to the disk and rename it to `path`,
+    so `path` always holds the old or the new complete content. The temporary name is unique (mkstemp: two writers
+    of one path never share one); on any failure the temporary file is removed."""
+    path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         if hasattr(os, "fchmod"):
@@ -810,22 +644,19 @@ def _write_atomically(path: Path, write) -> None:
 
 
 def write_json(path: str | Path, obj) -> None:
-    """Write `obj` as indented JSON atomically (a uniquely named temporary file, then rename)."""
+    """`obj` as indented JSON, written atomically."""
     text = json.dumps(obj, indent=2, default=str) + "\n"
-    _write_atomically(Path(path), lambda f: f.write(text.encode()))
+    write_atomically(path, lambda f: f.write(text.encode()))
 
 
 def check_out_dir(out_dir: str | Path, exp_name: str) -> None:
-    """Refuse (UserError) an --out-dir that cannot receive run folders (a file, a path under a file, a folder
-    without write permission or on a read-only file system) and an --exp-name that is not a plain folder name.
-
-    Called before the data are loaded, so the mistake costs nothing; make_run_dir still reports what only the
-    creation reveals (e.g. /sys refuses a mkdir that access(2) allows)."""
+    """Refuse (UserError), before the data are loaded, an --exp-name that is not a plain folder name and an
+    --out-dir that cannot receive run folders (a file, a path under a file, read-only, no permission).
+    make_run_dir reports what only the creation reveals (/sys refuses a mkdir that access(2) allows)."""
     if not exp_name or exp_name in (".", "..") or "/" in exp_name or os.sep in exp_name or "\0" in exp_name:
         raise UserError(f"--exp-name must be a plain folder name (no '/'), got {exp_name!r}")
-    path = Path(out_dir)
+    probe = Path(out_dir)
     try:
-        probe = path
         while not probe.exists() and probe.parent != probe:  # the nearest folder that exists
             probe = probe.parent
         if not probe.is_dir():
@@ -840,15 +671,11 @@ _RUN_LOCKS: dict[Path, int] = {}  # run folder -> file descriptor holding its lo
 
 
 def lock_run_dir(run_dir: str | Path) -> None:
-    """Take the lock of a run folder (flock(2) on `run_dir/run.lock`) for the life of this process, or refuse
-    with a UserError naming the holder: one writer per run folder. Two processes in one folder (a resume started
-    twice, a sweep and a user) would interleave metrics.jsonl lines and overwrite each other's checkpoints.
-
-    The lock file names its holder (pid, host, start time, command). The kernel drops the lock when the process
-    ends, however it ends (kill -9 included), so a crashed run never blocks its own resume. Taking it again in the
-    same process is a no-op (tests run several scripts in one process); `unlock_run_dir` gives it back. File
-    systems without flock (and Windows) get a warning and no lock.
-    """
+    """Lock a run folder (flock(2) on run_dir/run.lock, which names the holder: pid, host, start time, command) for
+    the life of this process, or refuse with a UserError naming the holder: two writers would interleave
+    metrics.jsonl and overwrite each other's checkpoints. The kernel drops the lock however the process ends
+    (kill -9 too), so a crashed run never blocks its resume. A no-op when this process holds it (tests run several
+    scripts in one process); a warning and no lock without flock (some network file systems, Windows)."""
     run_dir = Path(run_dir).resolve()
     if run_dir in _RUN_LOCKS or fcntl is None:
         return
@@ -860,7 +687,7 @@ def lock_run_dir(run_dir: str | Path) -> None:
         os.close(fd)
         raise UserError(f"run folder {run_dir} is in use by another process ({holder}); "
                         f"wait for it to end or stop it first") from None
-    except OSError as e:  # no locking on this file system (some network file systems)
+    except OSError as e:
         os.close(fd)
         print(f"warning: cannot lock {run_dir} ({describe(e)}); make sure no other process writes there",
               file=sys.stderr)
@@ -872,7 +699,7 @@ def lock_run_dir(run_dir: str | Path) -> None:
 
 
 def unlock_run_dir(run_dir: str | Path) -> None:
-    """Give back the lock taken by lock_run_dir (the scripts call it when a run ends; process exit does it too)."""
+    """Give back the lock of lock_run_dir (process exit does it too)."""
     fd = _RUN_LOCKS.pop(Path(run_dir).resolve(), None)
     if fd is not None:
         os.close(fd)
@@ -888,10 +715,7 @@ def make_run_dir(args, resume_dir: str | Path | None = None) -> Path:
     args.json kept. A file system that refuses (read-only, full, no permission) is a UserError.
     """
     try:
-        if resume_dir is not None:
-            run_dir = Path(resume_dir)
-            lock_run_dir(run_dir)
-        else:
+        if resume_dir is None:
             out = Path(args.out_dir)
             out.mkdir(parents=True, exist_ok=True)
             stem, n = f"{args.exp_name}__{args.seed}__{int(time.time())}", 0
@@ -902,137 +726,37 @@ def make_run_dir(args, resume_dir: str | Path | None = None) -> Path:
                     break
                 except FileExistsError:
                     n += 1
-            lock_run_dir(run_dir)
+        else:
+            run_dir = Path(resume_dir)
+        lock_run_dir(run_dir)
         (run_dir / "samples").mkdir(exist_ok=True)
         (run_dir / "checkpoints").mkdir(exist_ok=True)
         if resume_dir is None:
-            meta = dict(vars(args), git_commit=_git_commit(), torch_version=torch.__version__,
-                        command=" ".join([Path(sys.argv[0]).name] + sys.argv[1:]))
-            write_json(run_dir / "args.json", meta)
+            try:
+                commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent,
+                                        capture_output=True, text=True, timeout=5).stdout.strip() or None
+            except (OSError, subprocess.SubprocessError):
+                commit = None
+            write_json(run_dir / "args.json", dict(vars(args), git_commit=commit, torch_version=torch.__version__,
+                                                   command=" ".join([Path(sys.argv[0]).name] + sys.argv[1:])))
     except OSError as e:
         raise UserError(f"cannot create the run folder in --out-dir {args.out_dir}: "
                         f"{e.strerror or describe(e)}{f' ({e.filename})' if e.filename else ''}") from None
     return run_dir
 
 
-class MetricsLogger:
-    """Appends one JSON object per line to `run_dir/metrics.jsonl` (flushed at once, so a crash loses nothing).
-
-    On resume, `truncate_after(step)` drops lines logged after the checkpoint's step, so the file reads as one
-    uninterrupted run. With `track=True` scalars also go to TensorBoard when it is installed.
-    """
-
-    def __init__(self, run_dir: str | Path, track: bool = False):
-        self.path = Path(run_dir) / "metrics.jsonl"
-        self.writer = None
-        if track:
-            try:
-                from torch.utils.tensorboard import SummaryWriter  # lazy: optional dependency
-                self.writer = SummaryWriter(str(Path(run_dir) / "tb"))
-            except ImportError:
-                print("warning: --track needs the tensorboard package; logging to metrics.jsonl only", file=sys.stderr)
-
-    def truncate_after(self, step: int, drop=None) -> None:
-        """Keep the records with step <= `step` and, with `drop`, those for which drop(record) is false.
-
-        A torn last line (a crash in the middle of a write) is dropped. Anything else this logger does not write (a
-        folder of that name, a line that is not a JSON object with a numeric step) is a UserError: a file someone
-        else wrote is not guessed about."""
-        if not os.path.lexists(self.path):
-            return
-        if not self.path.is_file():
-            raise UserError(f"{self.path} is not a file: cannot continue the run's log")
-        try:
-            lines = self.path.read_text().splitlines()
-        except (OSError, UnicodeDecodeError) as e:
-            raise UserError(f"cannot read {self.path}: {describe(e)}") from None
-        kept = []
-        for i, line in enumerate(lines):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                if i == len(lines) - 1:  # a line torn by a crash mid-write: drop it
-                    continue
-                record = None
-            at = record.get("step", 0) if isinstance(record, dict) else None
-            if not isinstance(at, (int, float)) or isinstance(at, bool):
-                raise UserError(f"{self.path}, line {i + 1}, is not a record of these scripts ({one_line(line, 60)}): "
-                                f"fix or remove it")
-            if at <= step and not (drop is not None and drop(record)):
-                kept.append(line)
-        _write_atomically(self.path, lambda f: f.write("".join(line + "\n" for line in kept).encode()))
-
-    def log(self, record: dict) -> None:
-        with open(self.path, "a") as f:
-            f.write(json.dumps(record, default=float) + "\n")
-        if self.writer is not None:
-            step = record.get("step", 0)
-            for key, value in record.items():
-                if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool):
-                    self.writer.add_scalar(key, value, step)
-
-    def close(self) -> None:
-        if self.writer is not None:
-            self.writer.close()
-
-
-class Progress:
-    """Prints `[step/total] pct | it/s | ETA | key=value ...` at most every `every_s` seconds (and at the end).
-
-    `rate()` is the throughput since the previous report, in steps per second.
-    """
-
-    def __init__(self, total: int, start: int = 0, every_s: float = 10.0, unit: str = "it"):
-        self.total, self.every_s, self.unit = total, every_s, unit
-        self.t_start = self.t_last = time.perf_counter()
-        self.step_start = self.step_last = start
-        self.last_rate = 0.0
-
-    def due(self, step: int) -> bool:
-        """True when a report is due at `step` (time elapsed, or the last step)."""
-        return step >= self.total or time.perf_counter() - self.t_last >= self.every_s
-
-    def rate(self, step: int) -> float:
-        now = time.perf_counter()
-        if step > self.step_last and now > self.t_last:
-            self.last_rate = (step - self.step_last) / (now - self.t_last)
-        return self.last_rate
-
-    def report(self, step: int, **values) -> float:
-        """Print one progress line for `step`; return the current rate (steps/s)."""
-        rate = self.rate(step)
-        elapsed = time.perf_counter() - self.t_start
-        overall = (step - self.step_start) / elapsed if elapsed > 0 else 0.0
-        eta = (self.total - step) / overall if overall > 0 else float("nan")
-        fields = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in values.items())
-        print(f"[{step}/{self.total}] {100.0 * step / max(self.total, 1):5.1f}% | {rate:7.3g} {self.unit}/s | "
-              f"ETA {_fmt_seconds(eta)} | {fields}", flush=True)
-        self.t_last, self.step_last = time.perf_counter(), step
-        return rate
-
-
-def _fmt_seconds(s: float) -> str:
-    if not math.isfinite(s):
-        return "--:--"
-    s = int(s)
-    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}" if s >= 3600 else f"{s // 60:02d}:{s % 60:02d}"
-
-
 # ----------------------------------------------------------------------------------------------------------------
-# Checkpoints
+# Run plumbing: checkpoints
 # ----------------------------------------------------------------------------------------------------------------
 def nonfinite_entries(state) -> list[str]:
     """Names (`G.net.0.weight`, `opt_d.state.3.exp_avg`, ...) of the floating-point tensors anywhere in `state`
-    (nested dicts, lists, tuples) that hold a NaN or an infinity; [] when all are finite. One host sync in all."""
-    names, tensors = [], []
+    (nested dicts, lists, tuples) that hold a NaN or an infinity; one host sync per device."""
+    found = []  # (name, tensor)
 
     def walk(obj, name):
         if torch.is_tensor(obj):
             if obj.is_floating_point() or obj.is_complex():
-                names.append(name)
-                tensors.append(obj)
+                found.append((name, obj))
         elif isinstance(obj, dict):
             for key, value in obj.items():
                 walk(value, f"{name}.{key}" if name else str(key))
@@ -1041,14 +765,12 @@ def nonfinite_entries(state) -> list[str]:
                 walk(value, f"{name}.{i}")
 
     walk(state, "")
-    by_device: dict[torch.device, list[int]] = {}
-    for i, t in enumerate(tensors):
-        by_device.setdefault(t.device, []).append(i)
-    bad = []
-    for device, indices in by_device.items():  # one stacked read per device
-        finite = torch.stack([torch.isfinite(tensors[i]).all() for i in indices]).cpu().tolist()
-        bad += [i for i, ok in zip(indices, finite) if not ok]
-    return [names[i] for i in sorted(bad)]
+    bad = set()
+    for device in {t.device for _, t in found}:  # one stacked read per device
+        on = [i for i, (_, t) in enumerate(found) if t.device == device]
+        finite = torch.stack([torch.isfinite(found[i][1]).all() for i in on]).cpu().tolist()
+        bad.update(i for i, ok in zip(on, finite) if not ok)
+    return [found[i][0] for i in sorted(bad)]
 
 
 class _RecordingWriter:
@@ -1070,40 +792,38 @@ class _RecordingWriter:
 
 
 def save_checkpoint(path: str | Path, state: dict) -> None:
-    """Save `state` so that `path` is always a complete checkpoint of finite values: the new one, or the old one.
-
-    * A state with a NaN or an infinity in any floating-point tensor (weights, optimizer moments, averages) is not
-      written: UserError naming the entries and the step, and the last good checkpoint (a diverged update before a
-      save must never become the checkpoint that --resume restarts from).
-    * torch.save goes to a uniquely named temporary file in the same folder (two writers never share one),
-      is flushed to the disk (fsync), then renamed over `path` (atomic).
-    * A failed write (disk full, quota, read-only file system) removes the temporary file and raises UserError
-      with the reason; the previous checkpoint is untouched.
-    """
+    """Save `state` so that `path` is always a complete checkpoint of finite values, the new one or the old one.
+    A state with a NaN or an infinity in any floating-point tensor is not written (UserError naming the entries
+    and the step): a diverged update must never become what --resume restarts from. The write is atomic
+    (write_atomically); a failed one (disk full, quota, read-only) is a UserError with the reason."""
     path = Path(path)
     bad = nonfinite_entries(state)
     if bad:
         kept = f"the last good checkpoint is {path}" if path.is_file() else "no checkpoint was written yet"
         raise UserError(f"non-finite values at step {state.get('step')} in {', '.join(bad[:3])}"
                         f"{' and more' if len(bad) > 3 else ''}: stopped without saving them; {kept}")
-    writers = []
+    writer = _RecordingWriter(None)
 
     def write(f):
-        writers.append(_RecordingWriter(f))
-        torch.save(state, writers[0])
+        writer.f = f
+        torch.save(state, writer)
 
     try:
-        _write_atomically(path, write)
+        write_atomically(path, write)
     except (OSError, RuntimeError) as e:
-        reason = writers[0].error if writers and writers[0].error is not None else e
+        reason = writer.error or e
         reason = reason.strerror if isinstance(reason, OSError) and reason.strerror else describe(reason)
         kept = "the previous checkpoint is kept" if path.is_file() else "no checkpoint was written"
         raise UserError(f"cannot write checkpoint {path}: {reason}; {kept}") from None
 
 
-def _verify_zip(path: Path) -> None:
-    """torch.load does not check the CRC-32 that torch.save's zip format stores for every record, so a damaged
-    file can load with wrong numbers. Read every record and compare its CRC-32 (zipfile.testzip)."""
+def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
+    """Load a checkpoint with weights_only=True after checking every zip record's CRC-32 (torch.load does not, so
+    a damaged file could load with wrong numbers). A missing, truncated, damaged or foreign file, an `args` that is
+    not a dict or a `step` that is not an integer >= 0 is a UserError; check_checkpoint checks the rest."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"checkpoint not found: {path}")
     try:
         with zipfile.ZipFile(path) as z:
             damaged = z.testzip()
@@ -1111,17 +831,6 @@ def _verify_zip(path: Path) -> None:
         raise UserError(f"cannot read checkpoint {path}: not a complete checkpoint file ({describe(e)})") from None
     if damaged is not None:
         raise UserError(f"checkpoint {path} is damaged: its record {damaged} fails the CRC-32 check")
-
-
-def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
-    """Load a checkpoint after verifying its integrity (every zip record's CRC-32), with `weights_only=True`.
-
-    Missing, empty, truncated, damaged or foreign files, an `args` that is not a dict and a `step` that is not a
-    non-negative integer raise UserError (one line). What the run needs of it is checked by check_checkpoint."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"checkpoint not found: {path}")
-    _verify_zip(path)
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # torch raises many types for corrupt files (pickle, zip, runtime)
@@ -1133,44 +842,27 @@ def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
     return state
 
 
-def _check_rng_state(state) -> None:
-    """Restore the states of rng_state() into fresh generators (nothing global changes): raises what a malformed
-    state makes python, numpy or torch raise."""
-    py_version, py_state, py_gauss = state["python"]
-    random.Random().setstate((py_version, tuple(py_state), py_gauss))
-    np_name, np_keys, np_pos, np_has_gauss, np_gauss = state["numpy"]
-    np.random.RandomState().set_state((np_name, np_keys.cpu().numpy().astype(np.uint32), np_pos, np_has_gauss,
-                                       np_gauss))
-    torch.Generator().set_state(state["torch"].cpu().to(torch.uint8))
-    for cuda_state in state.get("cuda", []):
-        if not (torch.is_tensor(cuda_state) and cuda_state.dim() == 1):
-            raise TypeError("a CUDA generator state is not a 1-d tensor")
+_MALFORMED = (KeyError, TypeError, ValueError, AttributeError, RuntimeError, IndexError)  # of a malformed checkpoint
 
 
 @contextmanager
 def checkpoint_errors(path: str | Path):
-    """Around the code that applies a checkpoint (load_state_dict, optimizer, scaler and RNG states): what a
-    malformed checkpoint makes it raise (KeyError, TypeError, ValueError, RuntimeError, ...) becomes one UserError
-    line naming the file."""
+    """Around the code that applies a checkpoint (load_state_dict, optimizer, scaler, RNG states): what a malformed
+    checkpoint makes it raise becomes one UserError line naming the file."""
     try:
         yield
     except UserError:
         raise
-    except (KeyError, TypeError, ValueError, AttributeError, RuntimeError, IndexError) as e:
+    except _MALFORMED as e:
         raise UserError(f"--resume {path}: the checkpoint does not fit this run ({describe(e)})") from None
 
 
 def check_checkpoint(path: str | Path, state: dict, modules: dict[str, nn.Module], keys: tuple[str, ...] = (),
                      tensors: dict[str, tuple[int, ...]] | None = None, max_step: int | None = None) -> None:
-    """Refuse (UserError, one line) a loaded checkpoint that does not fit this run, before any of it is applied.
-
-    * `modules`: state[name] holds exactly that module's state_dict keys, with the same shapes;
-    * `keys`: the other entries the script reads are present; `tensors`: entries that must be tensors of that shape;
-    * state["step"]: an integer in [0, max_step];
-    * state["rng"]: restorable (tried on fresh generators);
-    * every floating-point tensor anywhere in it is finite (save_checkpoint never writes others).
-    What else the loading code trips over is reported by `checkpoint_errors` around it.
-    """
+    """Refuse (UserError, one line) a loaded checkpoint that does not fit this run, before any of it is applied:
+    each of `modules` must find exactly its state_dict keys and shapes, `keys` must be present and `tensors` of
+    their shapes, step an integer in [0, max_step], the RNG states restorable (tried on fresh generators), every
+    floating-point tensor finite. checkpoint_errors reports what else the loading code trips over."""
     where = f"--resume {path}"
     missing = [k for k in (*modules, *keys, *(tensors or {}), "step", "rng") if k not in state]
     if missing:
@@ -1195,12 +887,73 @@ def check_checkpoint(path: str | Path, state: dict, modules: dict[str, nn.Module
     if not (type(step) is int and 0 <= step and (max_step is None or step <= max_step)):
         raise UserError(f"{where}: step {one_line(repr(step), 60)} is outside 0..{max_step}")
     try:
-        _check_rng_state(state["rng"])
-    except (KeyError, TypeError, ValueError, AttributeError, RuntimeError, IndexError) as e:
+        _restore_rng(state["rng"], random.Random(), np.random.RandomState(), torch.Generator().set_state)
+        if not all(torch.is_tensor(s) and s.dim() == 1 for s in state["rng"].get("cuda", [])):
+            raise TypeError("a CUDA generator state is not a 1-d tensor")
+    except _MALFORMED as e:
         raise UserError(f"{where}: malformed random-generator state ({describe(e)})") from None
     bad = nonfinite_entries(state)
     if bad:
         raise UserError(f"{where}: non-finite values in {', '.join(bad[:3])}{' and more' if len(bad) > 3 else ''}")
+
+
+def rng_state() -> dict:
+    """All random-number-generator states as tensors and lists (loadable with weights_only=True)."""
+    py_version, py_state, py_gauss = random.getstate()
+    np_name, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
+    state = {"python": [py_version, list(py_state), py_gauss],
+             "numpy": [np_name, torch.from_numpy(np_keys.astype(np.int64)), int(np_pos), int(np_has_gauss),
+                       float(np_gauss)],
+             "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _restore_rng(state: dict, py, np_random, set_torch) -> None:
+    """The python, numpy and torch states of rng_state() into `py`, `np_random` and through `set_torch`."""
+    py_version, py_state, py_gauss = state["python"]
+    py.setstate((py_version, tuple(py_state), py_gauss))
+    np_name, np_keys, np_pos, np_has_gauss, np_gauss = state["numpy"]
+    np_random.set_state((np_name, np_keys.cpu().numpy().astype(np.uint32), np_pos, np_has_gauss, np_gauss))
+    set_torch(state["torch"].cpu().to(torch.uint8))
+
+
+def set_rng_state(state: dict) -> None:
+    """Restore the states of rng_state() (its tensors may be on any device). CUDA states are restored for the GPUs
+    this machine has: a checkpoint from a 4-GPU box resumes on one GPU (the scripts draw on one device), one made
+    without a GPU leaves the GPU generators as seeded."""
+    _restore_rng(state, random, np.random, torch.set_rng_state)
+    if "cuda" in state and torch.cuda.is_available():
+        for index, cuda_state in enumerate(state["cuda"][: torch.cuda.device_count()]):
+            torch.cuda.set_rng_state(cuda_state.cpu().to(torch.uint8), device=index)
+
+
+def load_optimizer_state(opt: torch.optim.Optimizer, state: dict) -> None:
+    """`opt.load_state_dict(state)`, safe across devices and memory layouts. Keeps this optimizer's fused / foreach
+    / capturable settings (load_state_dict restores the saved ones: a checkpoint made on a CPU would turn fused
+    Adam off on a GPU); gives each moment its parameter's memory layout (a resume with another --channels-last:
+    fused CUDA Adam refuses mixed layouts); puts Adam's `step` on the parameter's device (float32) for fused or
+    capturable Adam, on the CPU otherwise; refuses (ValueError) moments of another shape than their parameter
+    (load_state_dict accepts them and the first step fails)."""
+    impl_keys = ("fused", "foreach", "capturable")
+    kept = [{key: group[key] for key in impl_keys if key in group} for group in opt.param_groups]
+    opt.load_state_dict(state)
+    for group, settings in zip(opt.param_groups, kept):
+        group.update(settings)
+        on_device = bool(group.get("fused") or group.get("capturable"))
+        for p in group["params"]:
+            param_state = opt.state.get(p, {})
+            for name, value in list(param_state.items()):
+                if not torch.is_tensor(value):
+                    continue
+                if name == "step":
+                    param_state[name] = value.to(device=p.device if on_device else "cpu", dtype=torch.float32)
+                elif value.dim() > 0 and value.shape != p.shape:
+                    raise ValueError(f"optimizer state {name!r} has shape {tuple(value.shape)}, its parameter "
+                                     f"{tuple(p.shape)}")
+                elif value.shape == p.shape and value.stride() != p.stride():
+                    param_state[name] = torch.empty_like(p, dtype=value.dtype).copy_(value)
 
 
 def check_resume_config(saved_args: dict, args, allowed=(), where: str = "--resume: checkpoint") -> None:
@@ -1219,69 +972,6 @@ def check_resume_config(saved_args: dict, args, allowed=(), where: str = "--resu
     if diff:
         shown = ", ".join(f"--{k.replace('_', '-')} {saved_args.get(k)!r} vs {current.get(k)!r}" for k in diff[:4])
         raise UserError(f"{where} was made with a different configuration ({shown})")
-
-
-def rng_state() -> dict:
-    """All random-number-generator states as tensors/lists (loadable with weights_only=True)."""
-    py_version, py_state, py_gauss = random.getstate()
-    np_name, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
-    state = {
-        "python": [py_version, list(py_state), py_gauss],
-        "numpy": [np_name, torch.from_numpy(np_keys.astype(np.int64)), int(np_pos), int(np_has_gauss), float(np_gauss)],
-        "torch": torch.get_rng_state(),
-    }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict) -> None:
-    """Restore the states saved by `rng_state()`; the tensors may be on any device (they are read on the CPU).
-
-    CUDA states are restored for the GPUs this machine has: a checkpoint from a 4-GPU box resumes on one GPU (the
-    scripts draw on one device only), and one made on a CPU-only machine leaves the GPU generators as seeded.
-    """
-    py_version, py_state, py_gauss = state["python"]
-    random.setstate((py_version, tuple(py_state), py_gauss))
-    np_name, np_keys, np_pos, np_has_gauss, np_gauss = state["numpy"]
-    np.random.set_state((np_name, np_keys.cpu().numpy().astype(np.uint32), np_pos, np_has_gauss, np_gauss))
-    torch.set_rng_state(state["torch"].cpu().to(torch.uint8))
-    if "cuda" in state and torch.cuda.is_available():
-        for index, cuda_state in enumerate(state["cuda"][: torch.cuda.device_count()]):
-            torch.cuda.set_rng_state(cuda_state.cpu().to(torch.uint8), device=index)
-
-
-def load_optimizer_state(opt: torch.optim.Optimizer, state: dict) -> None:
-    """`opt.load_state_dict(state)`, made safe across devices and memory layouts.
-
-    * Keeps this optimizer's implementation settings (fused / foreach / capturable): `Optimizer.load_state_dict`
-      would restore the saved ones, so a checkpoint made on a CPU silently turns fused Adam off on a GPU.
-    * Gives every per-parameter moment its parameter's memory layout: a run resumed with another `--channels-last`
-      loads contiguous moments for channels-last parameters, and fused CUDA Adam refuses mixed layouts.
-    * Puts Adam's `step` where the implementation expects it: on the parameter's device (float32) for fused or
-      capturable Adam, on the CPU otherwise.
-    * Refuses (ValueError) moments whose shape is not their parameter's (Optimizer.load_state_dict accepts them and
-      the first step fails).
-    """
-    impl_keys = ("fused", "foreach", "capturable")
-    kept = [{key: group[key] for key in impl_keys if key in group} for group in opt.param_groups]
-    opt.load_state_dict(state)
-    for group, settings in zip(opt.param_groups, kept):
-        group.update(settings)
-        on_device = bool(group.get("fused") or group.get("capturable"))
-        for p in group["params"]:
-            param_state = opt.state.get(p, {})
-            for name, value in list(param_state.items()):
-                if not torch.is_tensor(value):
-                    continue
-                if name != "step" and value.dim() > 0 and value.shape != p.shape:
-                    # Optimizer.load_state_dict does not compare shapes; the first step would fail mid-run
-                    raise ValueError(f"optimizer state {name!r} has shape {tuple(value.shape)}, its parameter "
-                                     f"{tuple(p.shape)}")
-                if name == "step":
-                    param_state[name] = value.to(device=p.device if on_device else "cpu", dtype=torch.float32)
-                elif value.shape == p.shape and value.stride() != p.stride():
-                    param_state[name] = torch.empty_like(p, dtype=value.dtype).copy_(value)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -1446,10 +1136,10 @@ class Run:
                 set_rng_state(ck["rng"])
             self.step, self.train_time = ck["step"], float(ck.get("train_time_s", 0.0))
             extra = {k: v for k, v in ck.items() if k not in self.objects and k not in ("args", "rng", "step")}
-        self.dir = _make_run_dir(args, self.dir)
+        self.dir = make_run_dir(args, self.dir)
         self.log_path = self.dir / "metrics.jsonl"
         if self.ckpt is not None:  # a "final" record of a --max-steps stop is not final any more
-            _truncate_log(self.log_path, self.step, drop=lambda record: record.get("final"))
+            truncate_log(self.log_path, self.step, drop=lambda record: record.get("final"))
         if args.track:
             import wandb
 
@@ -1463,7 +1153,7 @@ class Run:
         self._stop = _StopRequest()
         self.start_step, self._wall0 = self.step, time.time()
         self._t = self._t_print = time.perf_counter()
-        self._smooth, self._proc = None, [0, 0.0]  # smoothed rate; this process's (steps, seconds) of training
+        self._smooth, self._recent, self._proc = None, (0.0, 0.0), [0, 0.0]  # shown rate; (steps, s) recent, this process
         print(f"run folder {self.dir}" + (f" | resumed at {unit} {self.step}" if self.ckpt is not None else ""),
               flush=True)
         return extra
@@ -1510,9 +1200,11 @@ class Run:
         record = {"step": step, **fields, **dict(zip(self._names, values.mean(0).tolist())),
                   self._rate_key: rate * self._rate_scale}
         self.log(record, reset_clock=False)
-        if math.isfinite(rate):  # smoothed over ~30 s of training, so a busy moment does not swing the ETA
-            w = 1.0 - math.exp(-elapsed / 30.0)
-            self._smooth = rate if self._smooth is None else (1 - w) * self._smooth + w * rate
+        # the shown rate: steps over seconds of the last ~60 s of training (both decayed alike), so a busy moment
+        # does not swing the rate and the ETA from one line to the next
+        decay = math.exp(-elapsed / 60.0)
+        self._recent = (self._recent[0] * decay + n, self._recent[1] * decay + elapsed)
+        self._smooth = self._recent[0] / self._recent[1] if self._recent[1] > 0 else None
         if now - self._t_print >= 10.0 or step >= self.total:
             self._t_print = now
             eta = (self.total - step) / self._smooth if self._smooth else float("nan")
@@ -1597,33 +1289,55 @@ class Run:
         return summary
 
 
-def _make_run_dir(args, resume_dir):
-    return make_run_dir(args, resume_dir)
-
-
-def _truncate_log(path: Path, step: int, drop=None) -> None:
-    MetricsLogger.truncate_after(type("L", (), {"path": path})(), step, drop)
+def truncate_log(path: Path, step: int, drop=None) -> None:
+    """Keep the metrics.jsonl records with step <= `step` for which drop(record) is not true (a resume cuts the log
+    back to its checkpoint). A line torn by a crash mid-write (the last one) is dropped; anything else these scripts
+    do not write (a folder of that name, a line that is not a JSON object with a numeric step) is a UserError."""
+    if not os.path.lexists(path):
+        return
+    if not path.is_file():
+        raise UserError(f"{path} is not a file: cannot continue the run's log")
+    try:
+        lines = path.read_text().splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"cannot read {path}: {describe(e)}") from None
+    kept = []
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            if i == len(lines) - 1:
+                continue
+            record = None
+        at = record.get("step", 0) if isinstance(record, dict) else None
+        if not isinstance(at, (int, float)) or isinstance(at, bool):
+            raise UserError(f"{path}, line {i + 1}, is not a record of these scripts ({one_line(line, 60)}): "
+                            f"fix or remove it")
+        if at <= step and not (drop is not None and drop(record)):
+            kept.append(line)
+    write_atomically(path, lambda f: f.write("".join(line + "\n" for line in kept).encode()))
 
 
 def fmt_seconds(s: float) -> str:
-    return _fmt_seconds(s)
+    """h:mm:ss (or mm:ss under an hour); --:-- when unknown."""
+    if not math.isfinite(s):
+        return "--:--"
+    s = int(s)
+    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}" if s >= 3600 else f"{s // 60:02d}:{s % 60:02d}"
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Data: real datasets as uint8 tensors (the scripts move them to the device once)
+# Data: real datasets as uint8 tensors on the CPU (the scripts move them to the device once)
 # ----------------------------------------------------------------------------------------------------------------
 _CIFAR_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
 _CIFAR_MD5 = "c58f30108f718f92721af3b95e74349a"
-_CIFAR_TRAIN = [f"data_batch_{i}" for i in range(1, 6)]
-_CIFAR_TEST = ["test_batch"]
 
 
 class _CifarUnpickler(pickle.Unpickler):
-    """Unpickler that only builds what a CIFAR-10 batch file holds (dicts, lists, bytes, numpy uint8 arrays).
-
-    The official CIFAR-10 python files are pickles; refusing every other global means a tampered file cannot run
-    code when it is read.
-    """
+    """Builds only what a CIFAR-10 batch file holds (dicts, lists, bytes, numpy uint8 arrays): the official files
+    are pickles, and refusing every other global means a tampered file cannot run code when it is read."""
 
     _allowed = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
                 ("numpy", "ndarray"), ("numpy", "dtype"), ("copyreg", "_reconstructor"), ("builtins", "object"),
@@ -1649,7 +1363,6 @@ def _read_cifar_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _data_dir(data_dir: str | Path) -> Path:
-    """--data-dir as a Path, refused (UserError) when it exists and is not a folder."""
     root = Path(data_dir)
     if root.exists() and not root.is_dir():
         raise UserError(f"--data-dir {data_dir} is a file, not a folder")
@@ -1658,8 +1371,8 @@ def _data_dir(data_dir: str | Path) -> Path:
 
 @contextmanager
 def _undo_on_failure(root: Path):
-    """Remove, when the block fails, the folders it created for `root` (from its topmost new ancestor down,
-    with whatever was downloaded into them): a failed download leaves nothing behind."""
+    """When the block fails, remove the folders it created for `root` (from the topmost new one down, with what was
+    downloaded into them): a failed download leaves nothing behind."""
     top = None
     for folder in [root, *root.parents]:
         if folder.exists():
@@ -1674,15 +1387,12 @@ def _undo_on_failure(root: Path):
 
 
 def load_cifar10(data_dir: str | Path, train: bool = True, download: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-    """CIFAR-10 as (uint8 (N, 3, 32, 32), int64 (N,)) tensors on the CPU.
-
-    Reads `data_dir/cifar-10-batches-py/` (the official python version). When it is absent and `download`,
-    fetches and checks the official archive with torchvision's downloader (MD5-verified). Offline or corrupt →
-    UserError saying where the files go.
-    """
+    """CIFAR-10 as (uint8 (N, 3, 32, 32), int64 (N,)) tensors from data_dir/cifar-10-batches-py/ (the official
+    python version), else extracted from data_dir/cifar-10-python.tar.gz, which `download` fetches first
+    (torchvision's downloader, MD5-checked). Offline or corrupt: a UserError saying where the files go."""
     root = _data_dir(data_dir)
     folder = root / "cifar-10-batches-py"
-    names = _CIFAR_TRAIN if train else _CIFAR_TEST
+    names = [f"data_batch_{i}" for i in range(1, 6)] if train else ["test_batch"]
     if not all((folder / n).is_file() for n in names):
         archive = root / "cifar-10-python.tar.gz"
         if not archive.is_file() and download:
@@ -1719,39 +1429,35 @@ def load_cifar10(data_dir: str | Path, train: bool = True, download: bool = True
         finally:
             shutil.rmtree(staging, ignore_errors=True)
     try:
-        parts = [_read_cifar_batch(folder / n) for n in names]
+        images, labels = zip(*[_read_cifar_batch(folder / n) for n in names])
     except Exception as e:  # a damaged pickle can raise almost anything (LookupError, OverflowError, MemoryError, ...)
         raise UserError(f"corrupt CIFAR-10 file in {folder}: {type(e).__name__}: {str(e)[:200]}".splitlines()[0]) from None
-    images = torch.from_numpy(np.concatenate([p[0] for p in parts]))
-    labels = torch.from_numpy(np.concatenate([p[1] for p in parts]))
-    return images, labels
+    return torch.from_numpy(np.concatenate(images)), torch.from_numpy(np.concatenate(labels))
 
 
 def load_mnist(data_dir: str | Path, train: bool = True, download: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-    """MNIST as (uint8 (N, 1, 28, 28), int64 (N,)) tensors, through torchvision.datasets.MNIST.
-
-    Looks for `data_dir/MNIST/raw/*-ubyte` (the idx files); downloads them when absent and `download`.
-    Offline or corrupt → UserError saying where the files go.
-    """
+    """MNIST as (uint8 (N, 1, 28, 28), int64 (N,)) tensors, through torchvision.datasets.MNIST, from the idx files
+    in data_dir/MNIST/raw/, downloaded there when absent and `download`. Offline or corrupt: a UserError saying
+    where the files go."""
     from torchvision.datasets import MNIST
 
     root = _data_dir(data_dir)
+    raw = root / "MNIST" / "raw"
     try:
         ds = MNIST(str(data_dir), train=train, download=False)
     except RuntimeError as e:
-        raw = Path(data_dir) / "MNIST" / "raw"
         if all((raw / f"{s}-{kind}-ubyte").is_file() for s in ("train", "t10k") for kind in ("images-idx3", "labels-idx1")):
             # the files torchvision looks for are all there, so this is a read error, not a missing dataset
             raise UserError(f"cannot read MNIST in {raw}: {describe(e)}") from None
         if not download:
             raise UserError(f"MNIST not found in {data_dir}: put the idx files (train-images-idx3-ubyte, ...) "
-                            f"in {Path(data_dir) / 'MNIST' / 'raw'}") from None
+                            f"in {raw}") from None
         try:
-            with _undo_on_failure(root / "MNIST" / "raw"):
+            with _undo_on_failure(raw):
                 ds = MNIST(str(data_dir), train=train, download=True)
         except Exception as e:
             raise UserError(f"MNIST not found in {data_dir} and the download failed ({type(e).__name__}); put the "
-                            f"idx files (train-images-idx3-ubyte, ...) in {Path(data_dir) / 'MNIST' / 'raw'}") from None
+                            f"idx files (train-images-idx3-ubyte, ...) in {raw}") from None
     except Exception as e:  # malformed idx files
         raise UserError(f"cannot read MNIST in {data_dir}: {describe(e)}") from None
     images, labels = ds.data, ds.targets.long()
@@ -1775,10 +1481,8 @@ def fake_images(n: int, shape: tuple[int, ...], num_classes: int = 10, seed: int
 
 
 def balanced_label_indices(labels: torch.Tensor, num_labels: int, seed: int, num_classes: int = 10) -> torch.Tensor:
-    """Indices of `num_labels` examples, num_labels / num_classes per class, chosen by `seed` (sorted, int64).
-
-    Raises UserError when num_labels is not a positive multiple of num_classes or a class has too few examples.
-    """
+    """Sorted int64 indices of `num_labels` examples, num_labels / num_classes per class, drawn with `seed`;
+    UserError when num_labels is not a positive multiple of num_classes or a class has too few examples."""
     if num_labels <= 0 or num_labels % num_classes:
         raise UserError(f"--num-labels must be a positive multiple of {num_classes} (balanced classes), got {num_labels}")
     per_class = num_labels // num_classes

@@ -430,30 +430,31 @@ def test_make_run_dir_resume_reuses_folder_and_keeps_args(tmp_path):
     assert len(list((tmp_path / "runs").iterdir())) == 1
 
 
-def test_metrics_logger_appends_and_truncates(tmp_path):
-    logger = common.MetricsLogger(tmp_path)
-    for step in range(1, 6):
-        logger.log({"step": step, "loss": torch.tensor(0.5 * step).item(), "k": np.int64(64)})
-    logger.close()
-    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in records] == [1, 2, 3, 4, 5]
-    assert records[2]["loss"] == 1.5 and records[0]["k"] == 64
-    logger = common.MetricsLogger(tmp_path)
-    logger.truncate_after(3)
-    logger.log({"step": 4, "loss": 9.0})
-    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in records] == [1, 2, 3, 4] and records[-1]["loss"] == 9.0
+def _write_log(path, records):
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+
+
+def test_truncate_log_keeps_records_up_to_the_step_and_drops_what_is_asked(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    _write_log(path, [{"step": s, "loss": 0.5 * s} for s in range(1, 6)] + [{"step": 3, "final": True}])
+    common.truncate_log(path, 3, drop=lambda r: r.get("final"))
+    assert [json.loads(line) for line in path.read_text().splitlines()] == [
+        {"step": 1, "loss": 0.5}, {"step": 2, "loss": 1.0}, {"step": 3, "loss": 1.5}]
     assert not list(tmp_path.glob("*.tmp"))
-    common.MetricsLogger(tmp_path / "nothing_yet").truncate_after(3)  # no file yet: nothing to do
+    common.truncate_log(tmp_path / "nothing_yet.jsonl", 3)  # no file yet: nothing to do
 
 
-def test_metrics_logger_drops_a_torn_last_line_on_resume(tmp_path):
-    logger = common.MetricsLogger(tmp_path)
-    logger.log({"step": 1, "loss": 1.0})
-    with open(tmp_path / "metrics.jsonl", "a") as f:
+def test_truncate_log_drops_a_torn_last_line_and_refuses_foreign_lines(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    _write_log(path, [{"step": 1, "loss": 1.0}])
+    with open(path, "a") as f:
         f.write('{"step": 2, "lo')  # a crash in the middle of a write
-    logger.truncate_after(5)
-    assert [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [1]
+    common.truncate_log(path, 5)
+    assert [json.loads(line)["step"] for line in path.read_text().splitlines()] == [1]
+    with open(path, "a") as f:
+        f.write('5\n{"step": 2}\n')
+    with pytest.raises(UserError, match="line 2, is not a record of these scripts"):
+        common.truncate_log(path, 5)
 
 
 def test_write_json_atomic(tmp_path):
@@ -724,17 +725,28 @@ def test_autocast():
         assert (a @ b).dtype == torch.float32
 
 
-def test_progress_report(capsys):
-    p = common.Progress(total=100, every_s=3600.0)
-    assert not p.due(10) and p.due(100)
-    rate = p.report(10, loss_d=0.123456, k=64)
-    line = capsys.readouterr().out.strip()
-    assert "\n" not in line
-    assert line.startswith("[10/100]") and "10.0%" in line
-    assert "it/s" in line and "ETA" in line and "loss_d=0.1235" in line and "k=64" in line
-    assert rate > 0
-    eta = line.split("ETA ")[1].split(" ")[0]
-    assert eta.count(":") in (1, 2) and all(part.isdigit() for part in eta.split(":"))
+def test_the_progress_line_smooths_the_rate_of_a_busy_machine(tmp_path, capsys, monkeypatch):
+    args = argparse.Namespace(exp_name="p", seed=1, out_dir=str(tmp_path), resume=None, track=False,
+                              tensorboard=False)
+    run = common.Run(args)
+    run.start(2000, torch.device("cpu"), unit="it")
+    clock = [0.0]
+    monkeypatch.setattr(common.time, "perf_counter", lambda: clock[0])
+    run._t = 0.0
+    capsys.readouterr()
+    rates = []
+    for window in range(20):  # 100 steps a window at 9 and 138 it/s in turn
+        for _ in range(100):
+            run.add(loss=torch.tensor(1.0))
+        clock[0] += 100 / (9.0 if window % 2 else 138.0)  # the window's duration
+        run._t_print = -1e9  # a line is due
+        record = run.log_window(100 * (window + 1), k=1)
+        line = capsys.readouterr().out.strip()
+        rates.append(float(line.split(" | ")[1].split()[0]))
+        assert line.startswith(f"[{100 * (window + 1)}/2000]") and "ETA" in line and "k=1 loss=1" in line
+        assert record["it_per_s"] > 0
+    assert max(rates[5:]) / min(rates[5:]) < 2.0  # the raw rates swing by 15x
+    run.finish({})
 
 
 def test_run_cli_user_error(capsys):
