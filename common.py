@@ -103,7 +103,7 @@ class MinibatchDiscrimination(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # float32 also under autocast: in bf16 the L1 distances of a near-collapsed batch are off by 1-4, which
         # is exactly the signal this layer exists for
-        with torch.autocast(x.device.type, enabled=False):
+        with torch.autocast("cuda" if x.is_cuda else "cpu", enabled=False):  # (also on meta)
             m = (x.float() @ self.T.float()).view(-1, self.kernels, self.kernel_dim)  # (B, K, D)
             l1 = (m.unsqueeze(0) - m.unsqueeze(1)).abs().sum(dim=3)  # (B, B, K): ||M_i - M_j||_1 per kernel
             c = torch.exp(-l1)

@@ -1,10 +1,13 @@
-"""Tests of dcgan_cifar_topk.py: model shapes and init, the top-k generator loss, smoke runs on tiny CIFAR-10
-pickles and on --dataset fake, resume == uninterrupted, the FID evaluation wiring (random Inception weights) and
-bad input. Runs use a narrow DCGAN (--ngf/--ndf 8) so the file stays well under a minute on 2 CPU cores."""
+"""Tests of dcgan_cifar_topk.py: model shapes and init, the top-k generator loss, the training step under bf16
+autocast (float32 logits, one input dtype for D), smoke runs on tiny CIFAR-10 pickles and on --dataset fake, resume
+== uninterrupted (weights and evaluation records), the FID evaluation wiring (random Inception weights) and bad
+input. Runs use a narrow DCGAN (--ngf/--ndf 8) so the file stays well under a minute on 2 CPU cores."""
 
 import json
 import math
+import signal
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -79,6 +82,59 @@ def test_generator_loss_uses_only_the_k_best_scored_fakes():
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# The training step under bf16 autocast on the CPU
+# ---------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("mbd", [False, True])
+def test_d_output_layer_is_float32_under_bf16_autocast(mbd):
+    """Top-k ranks D's logits: in bf16 the k-th and (k+1)-th tie; the output layer runs in float32."""
+    torch.manual_seed(0)
+    D = dc.Discriminator(minibatch_disc=mbd, mbd_kernels=5, mbd_dim=3, ndf=8)
+    dc.dcgan_init(D)
+    x = torch.rand(16, 3, 32, 32) * 2 - 1
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits, feats = D(x)
+    assert feats.dtype == torch.bfloat16 and logits.dtype == torch.float32
+    head = D.mbd(feats.float()) if mbd else feats.float()
+    assert torch.equal(logits, F.linear(head, D.out.weight, D.out.bias).squeeze(1))  # the fp32 layer, same features
+    assert len(set(logits.tolist())) == 16  # no ties among 16 fakes
+
+
+def test_real_and_fake_reach_d_in_one_dtype_under_bf16_autocast():
+    torch.manual_seed(0)
+    args = dc.parse_args(["--amp", "bf16", "--ngf", "4", "--ndf", "4", "--batch-size", "4", "--topk",
+                          "--feature-matching", "--dataset", "fake"])
+    dc.validate_args(args)
+    G, D = dc.build_models(args, torch.device("cpu"))
+    opt_g, opt_d = torch.optim.Adam(G.parameters()), torch.optim.Adam(D.parameters())
+    seen = []
+    D.register_forward_pre_hook(lambda module, inputs: seen.append(inputs[0].dtype))
+    x_real = torch.rand(4, 3, 32, 32) * 2 - 1
+    out = dc.train_step(G, D, opt_d, opt_g, x_real, torch.randn(4, 100), 2, args)
+    # D(real), D(fake) in the D step; D(fake), D(real) (feature matching) in the G step: all in the autocast dtype
+    assert seen == [torch.bfloat16] * 4
+    assert list(out) == ["loss_d", "loss_g", "d_real", "d_fake"]
+    assert all(v.dtype == torch.float32 and v.dim() == 0 and torch.isfinite(v) for v in out.values())
+    # the same numbers: D's first convolution casts a float32 input to bf16 itself
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.equal(D.features[0](x_real), D.features[0](x_real.bfloat16()))
+
+
+def test_cuda_tier_runs_fp32_contiguous_and_changes_the_layout_on_resume(tmp_path, monkeypatch):
+    """tests/test_cuda.py's command lines as this script parses them: the fp32 run is contiguous (the default is
+    --channels-last) and the layout-change resume starts contiguous, then continues channels-last."""
+    import test_cuda
+
+    parsed = []
+    monkeypatch.setattr(test_cuda, "run_cuda", lambda argv, out, *extra, **kw: parsed.append(
+        dc.parse_args([str(a) for a in (*argv[1:], *extra)])))
+    monkeypatch.setattr(test_cuda, "the_run", lambda out: out)
+    monkeypatch.setattr(test_cuda, "assert_finished_with_changing_k", lambda run: None)
+    test_cuda.test_dcgan(tmp_path, "fp32")
+    test_cuda.test_resume_with_other_channels_last(tmp_path, test_cuda.DCGAN, ["--save-every", "1"], [])
+    assert [a.channels_last for a in parsed] == [False, False, True] and parsed[2].resume is not None
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # Smoke runs through the real loader and on fake data
 # ---------------------------------------------------------------------------------------------------------------
 def test_smoke_tiny_cifar_run_folder(tiny_cifar_dir, tmp_path):
@@ -100,7 +156,7 @@ def test_smoke_tiny_cifar_run_folder(tiny_cifar_dir, tmp_path):
     assert names == ["epoch_0001.png", "epoch_0002.png", "epoch_0003.png", "final.png"]
     assert Image.open(run / "samples" / "final.png").size == (8 * 34 + 2, 8 * 34 + 2)  # 64 images, 2-px padding
     ckpt = common.load_checkpoint(run / "checkpoints" / "last.pt")
-    assert ckpt["step"] == 15 and ckpt["k"] == 3 and set(ckpt) >= {"G", "D", "opt_g", "opt_d", "rng", "z_ref"}
+    assert ckpt["step"] == 15 and set(ckpt) >= {"G", "D", "opt_g", "opt_d", "rng", "best"}
     assert not (run / "checkpoints" / "best.pt").exists()  # no FID, nothing to choose by
 
 
@@ -112,40 +168,74 @@ def test_smoke_fake_dataset_all_tricks(tmp_path):
                check=True, timeout=TIMEOUT)
     run = only_run_dir(out)
     recs = records(run)
-    # 3 steps per epoch, a line every 2 steps and at epoch ends: 2, 3, 4; step 5 (cut by --max-steps) waits in the
-    # checkpoint for the rest of its window
-    assert [r["step"] for r in recs] == [2, 3, 4] and all(math.isfinite(r["loss_g"]) for r in recs)
+    # 3 steps per epoch, a line every 2 steps and at epoch ends: 2, 3, 4; and 5, the window cut by --max-steps
+    assert [r["step"] for r in recs] == [2, 3, 4, 5] and all(math.isfinite(r["loss_g"]) for r in recs)
     ckpt = common.load_checkpoint(run / "checkpoints" / "last.pt")
     assert ckpt["step"] == 5 and ckpt["hist_g"]["count"] == 6 and ckpt["hist_d"]["count"] == 6
-    assert ckpt["pending"].shape == (1, 4) and ckpt["pending_time_s"] > 0
-    assert ckpt["z_ref"].shape == (8, 100) and "mbd.T" in ckpt["D"]
+    assert "mbd.T" in ckpt["D"] and "scaler_g" not in ckpt  # no GradScaler without --amp fp16
     assert not any("running_mean" in key for key in ckpt["G"])  # VBN, no BatchNorm in G
     assert json.loads((run / "summary.json").read_text())["steps"] == 5
 
 
-def test_resume_equals_uninterrupted(tiny_cifar_dir, tmp_path):
-    flags = [*TINY, "--data-dir", tiny_cifar_dir, "--no-fid", "--topk", "--mu", "2", "--gamma", "0.5", "--vbn",
-             "--hist-avg", "0.01", "--hflip", "--eval-every", "1"]
-    run_script(SCRIPT, *flags, "--epochs", "2", "--out-dir", tmp_path / "a", check=True, timeout=TIMEOUT)
-    # interrupted inside epoch 2 (step 7 of 10), then resumed to the end
-    run_script(SCRIPT, *flags, "--epochs", "2", "--max-steps", "7", "--out-dir", tmp_path / "b",
-               check=True, timeout=TIMEOUT)
+def _cheap_fid(monkeypatch):
+    """FID/IS replaced by a statistic of the sampled images: evaluation records that depend on G's weights and on
+    the sampling noise, without Inception passes on the CPU."""
+    monkeypatch.setattr(metrics, "load_inception", lambda *a, **k: None)
+    monkeypatch.setattr(metrics, "reference_statistics", lambda *a, **k: (np.zeros(2), np.eye(2)))
+
+    def fid(sample_fn, n, mu, sigma, inception, batch_size=250, device=None):
+        images = sample_fn(n)
+        return {"fid": float(images.abs().mean()), "is_mean": float(images.std()), "is_std": 0.0}
+
+    monkeypatch.setattr(metrics, "evaluate_generator", fid)
+
+
+@pytest.mark.parametrize("stop", ["--max-steps", "SIGTERM"])
+def test_resume_equals_uninterrupted(stop, tiny_cifar_dir, tmp_path, monkeypatch):
+    """A run stopped inside an epoch (--max-steps 7, or SIGTERM during step 7) and resumed ends with the
+    uninterrupted run's weights, evaluation records, best checkpoint and sample grid; only the loss lines around the
+    stop differ (the cut window)."""
+    _cheap_fid(monkeypatch)
+    flags = [*TINY, "--data-dir", str(tiny_cifar_dir), "--device", "cpu", "--topk", "--mu", "2", "--gamma", "0.5",
+             "--vbn", "--hist-avg", "0.01", "--hflip", "--eval-every", "1", "--fid-samples", "10",
+             "--fid-samples-final", "12", "--epochs", "2"]
+    dc.main([*flags, "--out-dir", str(tmp_path / "a")])
+    if stop == "--max-steps":  # stopped inside epoch 2 (step 7 of 10)
+        dc.main([*flags, "--max-steps", "7", "--out-dir", str(tmp_path / "b")])
+    else:
+        real, calls = dc.generator_loss, []
+
+        def sigterm_in_step_7(*args, **kwargs):
+            calls.append(1)
+            if len(calls) == 7:
+                signal.raise_signal(signal.SIGTERM)
+            return real(*args, **kwargs)
+
+        with monkeypatch.context() as m:
+            m.setattr(dc, "generator_loss", sigterm_in_step_7)
+            with pytest.raises(common.Interrupted, match="stopped at step 7"):
+                dc.main([*flags, "--out-dir", str(tmp_path / "b")])
     b = only_run_dir(tmp_path / "b")
-    run_script(SCRIPT, *flags, "--epochs", "2", "--resume", b / "checkpoints" / "last.pt",
-               check=True, timeout=TIMEOUT)
+    dc.main([*flags, "--resume", str(b / "checkpoints" / "last.pt")])
     a = only_run_dir(tmp_path / "a")
-    ca, cb = (common.load_checkpoint(r / "checkpoints" / "last.pt") for r in (a, b))
-    assert ca["step"] == cb["step"] == 10
-    for net in ("G", "D"):
-        for key in ca[net]:
-            assert torch.equal(ca[net][key], cb[net][key]), (net, key)
+    for name in ("last.pt", "best.pt"):
+        ca, cb = (common.load_checkpoint(r / "checkpoints" / name) for r in (a, b))
+        assert ca["step"] == cb["step"] and ca["best"] == cb["best"]
+        for net in ("G", "D"):
+            assert ca[net].keys() == cb[net].keys()
+            assert all(torch.equal(ca[net][key], cb[net][key]) for key in ca[net]), (name, net)
+        for avg in ("hist_g", "hist_d"):
+            assert all(torch.equal(x, y) for x, y in zip(ca[avg]["mean"], cb[avg]["mean"], strict=True)), (name, avg)
     assert (a / "samples" / "final.png").read_bytes() == (b / "samples" / "final.png").read_bytes()
-    strip = lambda recs: [{k: v for k, v in r.items() if k != "images_per_s"} for r in recs]  # noqa: E731
-    ra, rb = strip(records(a)), strip(records(b))
-    # the stop at step 7 cut the log window 6-8: its losses went into the checkpoint, not into a short line, so the
-    # resumed run logs exactly the uninterrupted run's lines (issue 13)
-    assert [r["step"] for r in ra] == [2, 4, 5, 6, 8, 10]
-    assert rb == ra
+    evals = lambda run: [{k: v for k, v in r.items() if k != "eval_time_s"}  # noqa: E731
+                         for r in records(run) if "fid" in r]
+    assert len(evals(a)) == 3 and evals(a) == evals(b)  # epochs 1, 2 and the final one (the stop's was dropped)
+    losses = lambda run: {r["step"]: {k: v for k, v in r.items() if k != "images_per_s"}  # noqa: E731
+                          for r in records(run) if "loss_d" in r}
+    la, lb = losses(a), losses(b)
+    assert list(la) == [2, 4, 5, 6, 8, 10] and list(lb) == [2, 4, 5, 6, 7, 8, 10]  # the stop logged its window 7
+    assert all(la[s] == lb[s] for s in (2, 4, 5, 6, 10))  # window 7-8 is split in b
+    assert json.loads((b / "summary.json").read_text())["resumed_from_step"] == 7
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -169,7 +259,7 @@ def test_fid_evaluation_wiring(tmp_path):
     assert summary["best"]["fid"] == evals[0]["fid"] and summary["best"]["epoch"] == 1
     best = common.load_checkpoint(run / "checkpoints" / "best.pt")
     assert best["best"]["fid"] == evals[0]["fid"] and best["step"] == 2  # 20 images, batch 8
-    assert (run / "fid_curve.png").is_file() and (run / "samples" / "epoch_0001.png").is_file()
+    assert (run / "samples" / "epoch_0001.png").is_file()
     assert len(list(tiny_cifar_dir.glob("fid_stats_cifar10_train_*.npz"))) == 1  # cached, named by the weights
 
 
@@ -212,7 +302,7 @@ def test_resume_refuses_other_configuration(tiny_cifar_dir, tmp_path):
 
 def test_non_finite_loss_stops_naming_the_step(tmp_path):
     out = tmp_path / "runs"
-    with pytest.raises(common.UserError, match=r"non-finite loss at step \d+") as err:
+    with pytest.raises(common.UserError, match=r"non-finite (loss_d|loss_g|d_real|d_fake) \(.+\) at step \d+:") as err:
         dc.main(["--dataset", "fake", "--fake-size", "16", "--batch-size", "8", "--ngf", "4", "--ndf", "4",
                  "--lr-d", "1e38", "--lr-g", "1e38", "--epochs", "20", "--no-fid", "--out-dir", str(out)])
     assert "last good checkpoint" in str(err.value)
