@@ -1,90 +1,39 @@
-"""Semi-supervised MNIST with a K+1-class GAN (Salimans et al. 2016, "Improved Techniques for Training GANs"),
-with every trick of the paper and optional top-k generator updates (Sinha et al. 2020, "Top-k Training of GANs").
+"""Semi-supervised MNIST with a K+1-class GAN (Salimans et al. 2016, "Improved Techniques for Training GANs"), with
+every trick of the paper and optional top-k generator updates (Sinha et al. 2020, "Top-k Training of GANs").
 
-Experiment: permutation-invariant MNIST (images as 784-vectors, no convolutions). The discriminator D is a
-10-class classifier whose logits l_1..l_10 also define "real vs fake": with Z(x) = sum_k exp(l_k(x)) the
-probability of being real is D(x) = Z/(Z+1) (the fake class has its logit fixed at 0). D learns from
-    L_D = L_labeled + w * L_unlabeled
-    L_labeled   = cross-entropy of softmax(l) on a labeled batch
-    L_unlabeled = 0.5 * E_real[-log D(x)] + 0.5 * E_fake[-log(1 - D(G(z)))]
-                = 0.5 * E_real[softplus(lse(l)) - lse(l)] + 0.5 * E_fake[softplus(lse(l))]   (lse = logsumexp)
-and the generator G by feature matching: the squared distance between the mean last-hidden-layer features of a
-real batch and of a fake batch. Test error is measured with an exponential moving average (EMA) of D's weights.
-Paper, errors out of 10,000 test digits (mean ± std over runs): 20 labels 1677 ± 452, 50 labels 221 ± 136,
-100 labels 93 ± 6.5, 200 labels 90 ± 4.2.
+    python improved_gan_mnist.py --num-labels 100 --seed 1 --seed-data 1                    # the paper's setting
+    python improved_gan_mnist.py --num-labels 100 --seed 1 --seed-data 1 --supervised-only  # same D, labels only
+    python improved_gan_mnist.py --num-labels 100 --topk --mu 50 --gamma 0.99               # + top-k
+    python improved_gan_mnist.py --minibatch-disc --no-feature-matching                     # sample-quality variant
 
-Example (the paper's 100-label setting, 300 epochs; data are downloaded to ./data on first use):
-    python improved_gan_mnist.py --num-labels 100 --seed 1 --seed-data 1
-Baseline (the same D trained on the 100 labels alone):
-    python improved_gan_mnist.py --num-labels 100 --seed 1 --seed-data 1 --supervised-only
-Top-k (k decays from 100 to --mu over epochs; the fake mean of feature matching uses the k best-scored fakes):
-    python improved_gan_mnist.py --num-labels 100 --topk --mu 50 --gamma 0.99
-Sample-quality variant (minibatch discrimination in D, non-saturating G loss instead of feature matching):
-    python improved_gan_mnist.py --minibatch-disc --no-feature-matching
+Permutation-invariant MNIST: digits are 784-vectors in [0, 1]. D is a 10-class classifier whose logits l also tell
+real from fake: D(x) = Z/(Z+1) with Z = sum_k exp(l_k) (the fake class has logit 0). D learns from the cross-entropy
+of a labeled batch plus w * (0.5 E_real[-log D(x)] + 0.5 E_fake[-log(1 - D(G(z)))]); G learns by feature matching on
+D's last hidden layer. G: z ~ U[0,1)^100 -> 500 -> 500 (batch norm with shift only, softplus) -> weight-normalised
+784, sigmoid. D: Gaussian noise 0.3 on the input; five weight-normalised dense layers 1000-500-250-250-250, ReLU and
+noise 0.5 after each; a weight-normalised layer to 10 logits; data-dependent init. Adam lr 0.003, beta1 0.5, batch
+100, 300 epochs. The test error is measured with an EMA of D's weights, beside the raw D's. Paper, errors out of
+10,000 test digits: 20 labels 1677 ± 452, 50 labels 221 ± 136, 100 labels 93 ± 6.5, 200 labels 90 ± 4.2.
 
-Details, following openai/improved-gan `mnist_svhn_cifar10/train_mnist_feature_matching.py` and its `nn.py`:
-- Data: pixels in [0, 1] (no centring); the unlabeled set is the whole training set (labeled digits included).
-  The labeled set (`--num-labels`, balanced over the 10 classes, chosen by `--seed-data`) is tiled to the
-  length of the training set every epoch, each copy in a fresh random order; the unlabeled set is permuted twice
-  per epoch (one order for D's unlabeled batches, another for the real batches of feature matching).
-  An epoch is floor(N_train / batch) steps; each step is one D update then one G update.
-- G: z ~ U[0,1)^100 → Linear 500 (no bias) → batch norm → softplus → Linear 500 → batch norm → softplus →
-  weight-normalised Linear 784 → sigmoid. As in the official `nn.batch_norm(..., g=None)` the batch norms have a
-  learned shift but no scale, and always use the statistics of the current batch (train and sampling alike).
-  The output layer's scale g is trained and starts at 1 (the official G has no data-dependent init: its init
-  pass reaches no weight-norm layer of the kind that has one). Hidden weights: Glorot-uniform (Lasagne default).
-- D: Gaussian noise σ 0.3 on the input; 5 weight-normalised dense layers 1000-500-250-250-250 with ReLU, each
-  followed by Gaussian noise σ 0.5; a weight-normalised dense layer to 10 logits. Directions v ~ N(0, 0.1²).
-  As in the official `nn.DenseLayer`, the hidden layers' scales g are set by the data-dependent init and then
-  kept fixed (train_scale=False); only the output layer's scale is trained (train_scale=True).
-- Data-dependent init: one training-mode forward (noise on) of D on 500 training digits chosen by `--seed-data`
-  sets every layer's scale and bias so that its pre-activations have zero mean and unit variance on that batch.
-  With `--supervised-only` the init batch is the labeled digits (at most 500), so the baseline sees no
-  unlabeled image at all.
-- Feature matching: features = output of the last hidden ReLU (before its noise layer), with D's noise on,
-  computed on a fresh real batch and a fresh fake batch; loss = mean over the 250 features of the squared
-  difference of the batch means.
-- Optimiser: Adam, lr 0.003, β1 0.5, β2 0.999, batch 100, 300 epochs, constant learning rate. The MNIST script
-  does not decay the learning rate (its CIFAR-10 and minibatch scripts do); so neither do we.
-  Adam's ε: the official update is m̂ / sqrt(v̂ + 1e-8); torch.optim.Adam computes m̂ / (sqrt(v̂) + ε). We use
-  ε = 1e-4 (`--adam-eps`): sqrt(v̂) + 1e-4 is within a factor √2 of sqrt(v̂ + 1e-8) at every gradient scale and
-  equal in both limits, whereas torch's default 1e-8 would take full-size steps where gradients are tiny (measured
-  on the 5k subset: sqrt(v̂) < 1e-4 for ~90% of G's second-layer weights, while D's are almost all above 1e-4).
-- Test-time parameter averaging: the official MNIST script evaluates with an average of D's trainable parameters
-  updated after every D step, avg ← avg + 0.0001 (θ - avg), i.e. an EMA with decay 0.9999 (`--ema-decay`).
-  Departures: ours starts from the initialised weights instead of from zeros (the official zero start shrinks the
-  average for the first ~10^4 steps and is equivalent afterwards), and it warms up (`--ema-warmup`, on by default):
-  update t uses the decay min(0.9999, (1 + t)/(10 + t)) (TensorFlow's ExponentialMovingAverage num_updates form),
-  so a run shorter than the time constant of 10,000 steps (about 17 epochs of full MNIST; 250 epochs of the
-  4,000-digit subset) reports a trained D instead of the initial weights (measured without it: 82 % error after
-  20 epochs on 4,000 digits, raw D ~20 %); from update 89,990 on the decay is 0.9999 itself, so long runs average
-  as the official code. The raw D's test error is logged and summarised next to the EMA's.
-- Top-k (`--topk`): the D update is unchanged; in the G update every fake of the batch is scored with D's
-  realness logit lse(l) = log Z = logit of D(x) = Z/(Z+1) (higher = more real), and only the k highest-scored
-  fakes enter G's loss: with feature matching the fake mean is the mean over those k; with
-  `--no-feature-matching` the non-saturating loss softplus(-lse(l)) = -log D(G(z)) is averaged over those k.
-  The real mean of feature matching keeps the whole real batch. k = max(mu, floor(batch · gamma^epoch)).
-- Other tricks of the paper, all off by default as in the official MNIST script: `--minibatch-disc` inserts a
-  minibatch-discrimination layer (`common.MinibatchDiscrimination`, 100 kernels of dimension 5, no
-  data-dependent init) between the last hidden layer and the output layer (the official sample-quality MNIST
-  script, `train_mnist_minibatch.py`, uses a convolutional D; we keep the permutation-invariant D so that the
-  two variants differ by the trick only); with it, D's three batches (labeled, unlabeled, fake) go through D
-  separately, as in the official code. `--hist-avg` adds λ·||θ - mean of past θ||² to G's and D's losses;
-  `--label-smoothing s` changes the real-unlabeled target of the K+1 loss to 1 - s (one-sided); `--vbn`
-  replaces G's batch norms by virtual batch norm with a fixed reference batch of noise.
-- `--no-feature-matching` gives G the non-saturating loss -log D(G(z)).
-- Checkpoints hold everything needed for an exact continuation (models, optimisers, EMA, historical averages,
-  RNG states, position inside the epoch, the epoch's per-step losses); each epoch's data order is drawn from a
-  generator seeded by (seed, epoch), so `--resume` reproduces the uninterrupted run on the CPU.
+Follows openai/improved-gan `mnist_svhn_cifar10/train_mnist_feature_matching.py`. Departures, each with its reason:
+- Adam's epsilon is 1e-4 added to sqrt(v) (torch's form), not 1e-8 inside the square root: within a factor √2 of the
+  official update at every gradient scale, where torch's 1e-8 would take full-size steps on tiny gradients (most of
+  G's second-layer weights).
+- The EMA of D starts from the initialised weights instead of zeros and warms up (`--ema-warmup`: decay
+  min(0.9999, (1+t)/(10+t)) at update t), so a run shorter than its 10,000-step time constant reports a trained D;
+  from update 89,990 on it is the official average.
+- `--minibatch-disc` keeps this permutation-invariant D (the official sample-quality script has a convolutional one),
+  so the two variants differ by the trick only.
+Feature matching is FEATURE_MATCHING = "mean_squared", the official T.mean(T.square(m1 - m2)): the paper's squared L2
+distance divided by the 250 features, the scale the official learning rate goes with. Top-k (`--topk`) scores a fake
+by D's realness logit lse(l) = logit of D(x); G's loss averages over the k best-scored fakes (with feature matching:
+the fake mean; the real mean keeps the whole batch). Data order, init, tricks, checkpoints: docs/improved_gan_mnist.md.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import math
-import time
-from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 import torch.nn as nn
@@ -92,157 +41,94 @@ import torch.nn.functional as F
 
 import common
 
-NUM_CLASSES = 10
-Z_DIM = 100
+NUM_CLASSES, Z_DIM = 10, 100
+FEATURE_MATCHING = "mean_squared"  # common.feature_matching_loss form: the official MNIST code's (see the docstring)
 
 
 def parse_args(argv=None):
-    # common.ArgumentParser: argparse's own errors are one `error:` line too (the usage is for --help)
-    p = common.ArgumentParser(description=__doc__.split("\n\n")[0],
-                              formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    # run
-    p.add_argument("--exp-name", type=str, default=Path(__file__).stem, help="run folder prefix")
-    p.add_argument("--seed", type=int, default=1, help="seed of python, numpy, torch (weights, noise, data order)")
-    p.add_argument("--torch-deterministic", action=argparse.BooleanOptionalAction, default=False,
-               help="CUDA only. Off (default, fastest): cuDNN autotuning and TF32 tensor cores for float32 "
-               "products. On: deterministic cuDNN, no autotuning, full float32 (a GPU run repeats bit for bit). "
-               "CPU runs are bit-reproducible either way")
-    p.add_argument("--device", type=str, default="auto", help="auto | cpu | cuda | cuda:N (auto = cuda if available)")
-    p.add_argument("--out-dir", type=str, default="runs", help="parent folder of the run folder")
-    p.add_argument("--track", action=argparse.BooleanOptionalAction, default=False,
-                   help="also log to TensorBoard (needs the tensorboard package)")
-    p.add_argument("--resume", type=str, default=None, help="runs/<run>/checkpoints/last.pt to continue")
-    p.add_argument("--save-every", type=int, default=10, help="write checkpoints/last.pt every N epochs (and at the end)")
-    p.add_argument("--eval-every", type=int, default=1, help="test error and sample grid every N epochs (and at the end)")
-    # data
-    p.add_argument("--dataset", choices=["mnist", "fake"], default="mnist",
+    p = common.ArgumentParser(description=__doc__.split("\n\n")[0])
+    common.add_run_flags(p, __file__, save_every=10, unit="epochs")
+    g = p.add_argument_group("data")
+    g.add_argument("--dataset", choices=["mnist", "fake"], default="mnist",
                    help="mnist, or fake = random digits with random labels (smoke tests and benchmarks)")
-    p.add_argument("--data-dir", type=str, default="data", help="folder holding MNIST/raw/*-ubyte (torchvision layout)")
-    p.add_argument("--download", action=argparse.BooleanOptionalAction, default=True,
+    g.add_argument("--data-dir", type=str, default="data", help="folder holding MNIST/raw/*-ubyte (torchvision layout)")
+    g.add_argument("--download", action=argparse.BooleanOptionalAction, default=True,
                    help="download MNIST into --data-dir when it is missing")
-    p.add_argument("--fake-size", type=int, default=None,
+    g.add_argument("--fake-size", type=int, default=None,
                    help="number of fake training digits (--dataset fake only; default 1000; test set = N/6)")
-    p.add_argument("--num-labels", type=int, default=100, help="labeled training digits, a multiple of 10 (balanced)")
-    p.add_argument("--seed-data", type=int, default=1, help="seed choosing the labeled digits and the init batch")
-    p.add_argument("--supervised-only", action=argparse.BooleanOptionalAction, default=False,
+    g.add_argument("--num-labels", type=int, default=100, help="labeled training digits, a multiple of 10 (balanced)")
+    g.add_argument("--seed-data", type=int, default=1, help="seed choosing the labeled digits and the init batch")
+    g.add_argument("--supervised-only", action=argparse.BooleanOptionalAction, default=False,
                    help="baseline: the same D trained with cross-entropy on the labeled digits alone, no G")
-    # optimisation
-    p.add_argument("--epochs", type=int, default=300, help="epochs of floor(N_train / batch) steps")
-    p.add_argument("--max-steps", type=int, default=None, help="stop after this many steps (smoke runs, benchmarks)")
-    p.add_argument("--batch-size", type=int, default=100, help="size of each of the labeled, unlabeled and fake batches")
-    p.add_argument("--lr", type=common.finite_float, default=0.003, help="Adam learning rate of G and D (constant)")
-    p.add_argument("--beta1", type=common.finite_float, default=0.5, help="Adam beta1")
-    p.add_argument("--beta2", type=common.finite_float, default=0.999, help="Adam beta2")
-    p.add_argument("--adam-eps", type=common.finite_float, default=1e-4,
+    g = p.add_argument_group("training")
+    g.add_argument("--epochs", type=int, default=300, help="epochs of floor(N_train / batch) steps")
+    g.add_argument("--max-steps", type=int, default=None, help="stop after this many steps (smoke runs, benchmarks)")
+    g.add_argument("--eval-every", type=int, default=1, help="epochs between evaluations (also at the end)")
+    g.add_argument("--batch-size", type=int, default=100, help="size of the labeled, unlabeled and fake batches")
+    g.add_argument("--lr", type=common.finite_float, default=0.003, help="Adam learning rate of G and D (constant)")
+    g.add_argument("--beta1", type=common.finite_float, default=0.5, help="Adam beta1")
+    g.add_argument("--beta2", type=common.finite_float, default=0.999, help="Adam beta2")
+    g.add_argument("--adam-eps", type=common.finite_float, default=1e-4,
                    help="Adam epsilon, added to sqrt(v) (1e-4 ≈ the official 1e-8 inside the square root)")
-    p.add_argument("--unlabeled-weight", type=common.finite_float, default=1.0,
-                   help="weight w of the unlabeled K+1 loss in D's loss")
-    p.add_argument("--ema-decay", type=common.finite_float, default=0.9999,
-                   help="decay of the EMA of D's weights used for the test error")
-    p.add_argument("--ema-warmup", action=argparse.BooleanOptionalAction, default=True,
+    g.add_argument("--unlabeled-weight", type=common.finite_float, default=1.0, help="weight w of D's K+1 loss")
+    g.add_argument("--ema-decay", type=common.finite_float, default=0.9999, help="decay of the EMA of D (test error)")
+    g.add_argument("--ema-warmup", action=argparse.BooleanOptionalAction, default=True,
                    help="EMA decay min(decay, (1+t)/(10+t)) at update t (TensorFlow's num_updates), so a short run's "
                         "EMA is not the initial weights; the same as without it from update 89,990 on (decay 0.9999)")
-    p.add_argument("--init-size", type=int, default=500, help="training digits in the data-dependent init batch")
-    p.add_argument("--amp", choices=["off", "bf16", "fp16"], default="off", help="mixed precision (fp16: CUDA only)")
-    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False, help="torch.compile G and D")
-    p.add_argument("--check-host-sync", action=argparse.BooleanOptionalAction, default=False,
-                   help="CUDA only, for tests: raise on any host synchronisation inside a training step (the first "
-                        "two steps of a process and the logging/evaluation/checkpoint code are exempt)")
-    # top-k
-    p.add_argument("--topk", action=argparse.BooleanOptionalAction, default=False,
-                   help="G learns from the k fakes with the highest realness logit logsumexp(l) only")
-    p.add_argument("--mu", type=int, default=None, help="floor of k, in samples (default: half the batch); --topk only")
-    p.add_argument("--gamma", type=common.finite_float, default=None,
-                   help="k decay per epoch: k = max(mu, floor(B gamma^epoch)) "
-                   "(default 0.99); --topk only")
-    p.add_argument("--bottomk", action=argparse.BooleanOptionalAction, default=False,
-                   help="keep the k LOWEST-scored fakes instead (analysis only); needs --topk")
-    # tricks
-    p.add_argument("--feature-matching", action=argparse.BooleanOptionalAction, default=True,
+    g.add_argument("--init-size", type=int, default=500, help="training digits in the data-dependent init batch")
+    g.add_argument("--amp", choices=["off", "bf16", "fp16"], default="off", help="mixed precision (fp16: CUDA only)")
+    g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
+                   help="torch.compile G and D (static shapes)")
+    common.add_topk_flags(p)
+    g = p.add_argument_group("tricks (Salimans et al. 2016)")
+    g.add_argument("--feature-matching", action=argparse.BooleanOptionalAction, default=True,
                    help="G loss = squared distance of mean last-hidden features (off: non-saturating -log D(G(z)))")
-    p.add_argument("--minibatch-disc", action=argparse.BooleanOptionalAction, default=False,
-                   help="minibatch-discrimination layer before D's output layer")
-    p.add_argument("--mbd-kernels", type=int, default=None, help="minibatch-discrimination kernels (default 100)")
-    p.add_argument("--mbd-dim", type=int, default=None, help="minibatch-discrimination kernel dimension (default 5)")
-    p.add_argument("--hist-avg", type=common.finite_float, default=0.0,
+    common.add_mbd_flags(g, kernels=100, dim=5)
+    g.add_argument("--hist-avg", type=common.finite_float, default=0.0,
                    help="historical-averaging penalty weight on G and D (0 = off)")
-    p.add_argument("--label-smoothing", type=common.finite_float, default=0.0,
+    g.add_argument("--label-smoothing", type=common.finite_float, default=0.0,
                    help="one-sided: target of real unlabeled digits is 1 - value in the K+1 loss (0 = off)")
-    p.add_argument("--vbn", action=argparse.BooleanOptionalAction, default=False,
+    g.add_argument("--vbn", action=argparse.BooleanOptionalAction, default=False,
                    help="virtual batch norm in G instead of batch norm (fixed reference batch)")
-    args = p.parse_args(argv)
-    args.exp_name = args.exp_name or Path(__file__).stem
-    return args
+    return p.parse_args(argv)
 
 
 def validate_args(args) -> None:
     """Raise common.UserError for impossible values and flags that make no sense together; resolve defaults."""
-    E = common.UserError
-    common.check_seed("--seed", args.seed)
+    common.check_run_flags(args)
     common.check_seed("--seed-data", args.seed_data)
-    positive = {"epochs": args.epochs, "batch-size": args.batch_size, "eval-every": args.eval_every,
-                "save-every": args.save_every, "init-size": args.init_size}
-    for name, value in positive.items():
-        if value < 1:
-            raise E(f"--{name} must be at least 1, got {value}")
-    if args.max_steps is not None and args.max_steps < 1:
-        raise E(f"--max-steps must be at least 1, got {args.max_steps}")
-    if args.num_labels <= 0 or args.num_labels % NUM_CLASSES:
-        raise E(f"--num-labels must be a positive multiple of {NUM_CLASSES} (balanced classes), got {args.num_labels}")
-    if not (args.lr > 0 and math.isfinite(args.lr)):
-        raise E(f"--lr must be positive, got {args.lr}")
-    for name, b in (("beta1", args.beta1), ("beta2", args.beta2)):
-        if not 0.0 <= b < 1.0:
-            raise E(f"--{name} must be in [0, 1), got {b}")
-    if not (args.adam_eps > 0 and math.isfinite(args.adam_eps)):
-        raise E(f"--adam-eps must be positive, got {args.adam_eps}")
-    if not 0.0 <= args.ema_decay < 1.0:
-        raise E(f"--ema-decay must be in [0, 1), got {args.ema_decay}")
-    if not (args.unlabeled_weight >= 0 and math.isfinite(args.unlabeled_weight)):
-        raise E(f"--unlabeled-weight must be >= 0, got {args.unlabeled_weight}")
-    if not (args.hist_avg >= 0 and math.isfinite(args.hist_avg)):
-        raise E(f"--hist-avg must be >= 0, got {args.hist_avg}")
-    if not 0.0 <= args.label_smoothing < 1.0:
-        raise E(f"--label-smoothing must be in [0, 1), got {args.label_smoothing}")
-    if args.dataset == "fake":
-        args.fake_size = 1000 if args.fake_size is None else args.fake_size
-        if args.fake_size < 1:
-            raise E(f"--fake-size must be at least 1, got {args.fake_size}")
-    elif args.fake_size is not None:
-        raise E("--fake-size only applies to --dataset fake")
-    if args.supervised_only:
-        g_flags = [name for name, on in (("--topk", args.topk), ("--vbn", args.vbn), ("--minibatch-disc", args.minibatch_disc),
-                                         ("--hist-avg", args.hist_avg > 0), ("--label-smoothing", args.label_smoothing > 0),
-                                         ("--bottomk", args.bottomk), ("--mu", args.mu is not None),
-                                         ("--gamma", args.gamma is not None)) if on]
-        if g_flags:
-            raise E(f"--supervised-only trains no generator: {', '.join(g_flags)} makes no sense with it")
-    if not args.topk:
-        for name, given in (("--mu", args.mu is not None), ("--gamma", args.gamma is not None), ("--bottomk", args.bottomk)):
-            if given:
-                raise E(f"{name} only applies with --topk")
-    args.mu = args.batch_size // 2 if args.mu is None else args.mu
-    args.gamma = 0.99 if args.gamma is None else args.gamma
-    if args.topk:
-        common.validate_topk(args.batch_size, args.mu, args.gamma)
-    if not args.minibatch_disc and (args.mbd_kernels is not None or args.mbd_dim is not None):
-        raise E("--mbd-kernels / --mbd-dim only apply with --minibatch-disc")
-    args.mbd_kernels = 100 if args.mbd_kernels is None else args.mbd_kernels
-    args.mbd_dim = 5 if args.mbd_dim is None else args.mbd_dim
-    if args.mbd_kernels < 1 or args.mbd_dim < 1:
-        raise E("--mbd-kernels and --mbd-dim must be at least 1")
+    if args.fake_size is not None and args.dataset != "fake":
+        raise common.UserError("--fake-size only applies to --dataset fake")
+    for name in ("epochs", "batch_size", "eval_every", "init_size", "max_steps", "fake_size"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            raise common.UserError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    args.fake_size = 1000 if args.dataset == "fake" and args.fake_size is None else args.fake_size
+    for flag, ok, need in (
+            ("--num-labels", args.num_labels > 0 and args.num_labels % NUM_CLASSES == 0,
+             f"a positive multiple of {NUM_CLASSES} (balanced classes)"),
+            ("--lr", args.lr > 0, "positive"), ("--adam-eps", args.adam_eps > 0, "positive"),
+            ("--beta1", 0 <= args.beta1 < 1, "in [0, 1)"), ("--beta2", 0 <= args.beta2 < 1, "in [0, 1)"),
+            ("--ema-decay", 0 <= args.ema_decay < 1, "in [0, 1)"), ("--hist-avg", args.hist_avg >= 0, ">= 0"),
+            ("--unlabeled-weight", args.unlabeled_weight >= 0, ">= 0"),
+            ("--label-smoothing", 0 <= args.label_smoothing < 1, "in [0, 1)")):
+        if not ok:
+            raise common.UserError(f"{flag} must be {need}, got {getattr(args, flag[2:].replace('-', '_'))}")
+    g_flags = {"--topk": args.topk, "--vbn": args.vbn, "--minibatch-disc": args.minibatch_disc,
+               "--hist-avg": args.hist_avg > 0, "--label-smoothing": args.label_smoothing > 0}
+    if args.supervised_only and any(g_flags.values()):
+        given = ", ".join(flag for flag, on in g_flags.items() if on)
+        raise common.UserError(f"--supervised-only trains no generator: {given} makes no sense with it")
+    common.check_topk_flags(args, args.batch_size)  # --mu, --gamma, --bottomk only with --topk
+    common.check_mbd_flags(args, kernels=100, dim=5)  # --mbd-kernels, --mbd-dim only with --minibatch-disc
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Models
-# ----------------------------------------------------------------------------------------------------------------
+# ---- Models ----------------------------------------------------------------------------------------------------------
 class Generator(nn.Module):
     """z (B, 100) ~ U[0,1) → images (B, 784) in [0, 1]. Batch norm (shift only) or virtual batch norm, softplus."""
 
     def __init__(self, vbn: bool = False):
         super().__init__()
-        self.fc1 = nn.Linear(Z_DIM, 500, bias=False)
-        self.fc2 = nn.Linear(500, 500, bias=False)
+        self.fc1, self.fc2 = nn.Linear(Z_DIM, 500, bias=False), nn.Linear(500, 500, bias=False)
         self.norm1, self.norm2 = (self._norm(vbn) for _ in range(2))
         self.out = common.WNLinear(500, 28 * 28)
         for fc in (self.fc1, self.fc2):
@@ -252,7 +138,8 @@ class Generator(nn.Module):
 
     @staticmethod
     def _norm(vbn: bool) -> nn.Module:
-        norm = common.VirtualBatchNorm(500, eps=1e-6) if vbn else nn.BatchNorm1d(500, eps=1e-6, track_running_stats=False)
+        norm = (common.VirtualBatchNorm(500, eps=1e-6) if vbn
+                else nn.BatchNorm1d(500, eps=1e-6, track_running_stats=False))  # batch statistics, also when sampling
         norm.weight.requires_grad_(False)  # nn.batch_norm(g=None): learned shift, no scale
         return norm
 
@@ -263,7 +150,7 @@ class Generator(nn.Module):
 
 
 class Discriminator(nn.Module):
-    """x (B, 784) in [0, 1] → (logits (B, 10), features (B, 250) of the last hidden layer)."""
+    """x (B, 784) in [0, 1] → (logits (B, 10) in float32, features (B, 250) of the last hidden layer)."""
 
     def __init__(self, minibatch_disc: bool = False, mbd_kernels: int = 100, mbd_dim: int = 5):
         super().__init__()
@@ -283,12 +170,12 @@ class Discriminator(nn.Module):
             h = self.noise(features)
         if self.mbd is not None:
             h = self.mbd(h)
-        return self.out(h), features
+        # the output layer in float32 under autocast: top-k ranks these logits, and bf16 would make neighbours tie
+        with torch.autocast("cuda" if x.is_cuda else "cpu", enabled=False):  # (also on meta)
+            return self.out(h.float()), features
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Losses (module-level so tests can check them against direct computations)
-# ----------------------------------------------------------------------------------------------------------------
+# ---- Losses (module-level so tests can check them against direct computations) ---------------------------------------
 def realness_logit(logits: torch.Tensor) -> torch.Tensor:
     """lse(l) = log Z: the logit of D(x) = Z/(Z+1). (B, 10) → (B,). The top-k score of a fake."""
     return torch.logsumexp(logits.float(), dim=1)
@@ -299,7 +186,7 @@ def labeled_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.float(), labels)
 
 
-def kplus1_unlabeled_loss(logits_real: torch.Tensor, logits_fake: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
+def kplus1_unlabeled_loss(logits_real: torch.Tensor, logits_fake: torch.Tensor, label_smoothing: float = 0.0):
     """0.5 E_real[-log D(x)] + 0.5 E_fake[-log(1 - D(x))] with D(x) = Z/(Z+1), written stably with logsumexp:
     -log D = softplus(lse) - lse, -log(1 - D) = softplus(lse). With one-sided label smoothing s the real target
     is 1 - s: -(1-s) log D - s log(1 - D) = softplus(lse) - (1 - s) lse."""
@@ -307,19 +194,24 @@ def kplus1_unlabeled_loss(logits_real: torch.Tensor, logits_fake: torch.Tensor, 
     return 0.5 * (F.softplus(lse_real) - (1.0 - label_smoothing) * lse_real).mean() + 0.5 * F.softplus(lse_fake).mean()
 
 
-def feature_matching_loss(features_real: torch.Tensor, features_fake: torch.Tensor) -> torch.Tensor:
-    """Mean over features of (mean_batch f(x_fake) - mean_batch f(x_real))²."""
-    return (features_fake.float().mean(0) - features_real.float().mean(0)).pow(2).mean()
-
-
 def nonsaturating_generator_loss(logits_fake: torch.Tensor) -> torch.Tensor:
     """-log D(G(z)) = softplus(-lse(l)), averaged over the batch."""
     return F.softplus(-realness_logit(logits_fake)).mean()
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Helpers
-# ----------------------------------------------------------------------------------------------------------------
+# ---- Data, evaluation, the fit check and the training step -----------------------------------------------------------
+def load_data(args, device):
+    """(train images (N, 784) float in [0,1], train labels, test images, test labels), all on `device`."""
+    if args.dataset == "fake":
+        (xtr, ytr), (xte, yte) = (common.fake_images(args.fake_size, (1, 28, 28), NUM_CLASSES, seed=0),
+                                  common.fake_images(max(1, args.fake_size // 6), (1, 28, 28), NUM_CLASSES, seed=1))
+    else:
+        xtr, ytr = common.load_mnist(args.data_dir, train=True, download=args.download)
+        xte, yte = common.load_mnist(args.data_dir, train=False, download=args.download)
+    prep = lambda x: (x.reshape(len(x), -1).float() / 255.0).to(device)
+    return prep(xtr), ytr.to(device), prep(xte), yte.to(device)
+
+
 def epoch_orders(seed: int, epoch: int, n_train: int, n_labeled: int, steps: int, batch: int):
     """The epoch's data order, from a generator seeded by (seed, epoch) so a resumed run draws the same:
     (labeled indices (steps·batch,) = the labeled set tiled in fresh orders, unlabeled order, second unlabeled
@@ -344,297 +236,210 @@ def count_errors(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int 
     return int(wrong)
 
 
-def load_data(args, device):
-    """(train images (N, 784) float in [0,1], train labels, test images, test labels), all on `device`."""
-    if args.dataset == "fake":
-        (xtr, ytr), (xte, yte) = (common.fake_images(args.fake_size, (1, 28, 28), NUM_CLASSES, seed=0),
-                                  common.fake_images(max(1, args.fake_size // 6), (1, 28, 28), NUM_CLASSES, seed=1))
-    else:
-        xtr, ytr = common.load_mnist(args.data_dir, train=True, download=args.download)
-        xte, yte = common.load_mnist(args.data_dir, train=False, download=args.download)
-    prep = lambda x: (x.reshape(len(x), -1).float() / 255.0).to(device)
-    return prep(xtr), ytr.to(device), prep(xte), yte.to(device)
+def evaluate(m: SimpleNamespace, x_test, y_test, fixed_z, path) -> dict:
+    """Test errors of the EMA of D and of D itself; G's samples of fixed_z as a 10 x 10 grid at `path`."""
+    n = len(x_test)
+    err_ema, err_raw = count_errors(m.ema.module, x_test, y_test), count_errors(m.D, x_test, y_test)
+    if m.G is not None:
+        from torchvision.utils import save_image
+        with torch.no_grad():  # the eager G: a compiled one would compile again for this batch size
+            save_image(generate(m.G, fixed_z, m.vbn_z).float().view(-1, 1, 28, 28), path, nrow=10)
+    return {"test_err_ema": err_ema, "test_err_ema_pct": 100.0 * err_ema / n,
+            "test_err_raw": err_raw, "test_err_raw_pct": 100.0 * err_raw / n}
+
+
+def fit_step(args) -> list[nn.Module]:
+    """For common.check_fits (meta device): the models and the forwards of one training step. The models run in eval
+    mode (the weight-norm init reads a value, which meta tensors do not have)."""
+    D = Discriminator(args.minibatch_disc, args.mbd_kernels, args.mbd_dim).eval()
+    x = torch.rand(args.batch_size, 28 * 28)
+    if args.supervised_only:
+        D(x)
+        return [D]
+    G, z = Generator(args.vbn).eval(), torch.rand(args.batch_size, Z_DIM)
+    fake = generate(G, z, z if args.vbn else None)
+    d_logits(D, D, x, x, fake)
+    D(fake), D(x)
+    return [D, G]
+
+
+def generate(G: nn.Module, z: torch.Tensor, vbn_z: torch.Tensor | None, fwd=None) -> torch.Tensor:
+    """G(z) through `fwd` (the compiled G; default G itself); with --vbn the statistics of the fixed reference
+    batch vbn_z are recomputed first, with the current weights."""
+    if vbn_z is not None:
+        common.vbn_reference_pass(G, vbn_z)
+    return (fwd or G)(z)
+
+
+def d_logits(D: nn.Module, fwd, *xs: torch.Tensor) -> list[torch.Tensor]:
+    """D's logits of several batches: one forward of them concatenated (D's noise is per example), or with minibatch
+    discrimination, which compares the examples of a batch, one forward per batch (as the official code)."""
+    if D.mbd is not None:
+        return [fwd(x)[0] for x in xs]
+    return fwd(torch.cat(xs))[0].split([len(x) for x in xs])
+
+
+def train_step(m: SimpleNamespace, args, xl, yl, xu, xr, k: int) -> dict[str, torch.Tensor]:
+    """One D update, then one G update (none with --supervised-only). xl, yl: a labeled batch; xu: an unlabeled batch
+    for D; xr: another for feature matching; k: how many fakes G learns from; m: the models, their optimizers, scalers
+    and averages (built in main). Returns the step's losses and training error as device tensors (no host sync)."""
+    B, device = len(xl), xl.device
+    # (1) Update D: cross-entropy on the labeled batch + w * the K+1 real-vs-fake loss on the unlabeled and fake ones
+    with common.autocast(device, args.amp):
+        if m.G is None:
+            logits_lab, loss_unl = m.d_fwd(xl)[0], torch.zeros((), device=device)
+        else:
+            with torch.no_grad():
+                x_fake = generate(m.G, torch.rand(B, Z_DIM, device=device), m.vbn_z, m.g_fwd)
+            logits_lab, logits_unl, logits_fake = d_logits(m.D, m.d_fwd, xl, xu, x_fake)
+            # ALGO LOGIC: K+1 classes: D(x) = Z/(Z+1), the real-vs-fake loss on the realness logit lse(l)
+            loss_unl = kplus1_unlabeled_loss(logits_unl, logits_fake, args.label_smoothing)
+        loss_lab = labeled_loss(logits_lab, yl)
+        loss_d = loss_lab + args.unlabeled_weight * loss_unl
+        if m.hist_d is not None:
+            loss_d = loss_d + args.hist_avg * m.hist_d.penalty(m.D)  # ALGO LOGIC: historical averaging
+    m.opt_d.zero_grad(set_to_none=True)
+    m.scaler_d.scale(loss_d).backward()
+    m.scaler_d.step(m.opt_d)
+    m.scaler_d.update()
+    m.ema.update(m.D)  # ALGO LOGIC: EMA of D's weights, used for the test error
+    if m.hist_d is not None:
+        m.hist_d.update(m.D)
+    out = {"loss_lab": loss_lab, "loss_unl": loss_unl, "loss_gen": torch.zeros((), device=device),
+           "train_err": (logits_lab.detach().argmax(1) != yl).float().mean()}
+    if m.G is None:
+        return out
+
+    # (2) Update G on the k fakes D finds most real, by feature matching (or the non-saturating loss)
+    for p in m.d_params:
+        p.requires_grad_(False)
+    with common.autocast(device, args.amp):
+        logits_fake, feat_fake = m.d_fwd(generate(m.G, torch.rand(B, Z_DIM, device=device), m.vbn_z, m.g_fwd))
+        # ALGO LOGIC: top-k: keep the k fakes with the highest (--bottomk: lowest) realness logit lse(l)
+        keep = common.select_topk(realness_logit(logits_fake), k, largest=not args.bottomk)
+        if args.feature_matching:
+            with torch.no_grad():
+                feat_real = m.d_fwd(xr)[1]
+            # ALGO LOGIC: feature matching: the fake mean over the kept fakes, the real mean over the whole batch
+            loss_g = common.feature_matching_loss(feat_real, feat_fake[keep], FEATURE_MATCHING)
+        else:
+            loss_g = nonsaturating_generator_loss(logits_fake[keep])  # ALGO LOGIC: -log D(G(z)) over the kept fakes
+        loss_g_total = loss_g + args.hist_avg * m.hist_g.penalty(m.G) if m.hist_g is not None else loss_g
+    m.opt_g.zero_grad(set_to_none=True)
+    m.scaler_g.scale(loss_g_total).backward()
+    m.scaler_g.step(m.opt_g)
+    m.scaler_g.update()
+    if m.hist_g is not None:
+        m.hist_g.update(m.G)
+    for p in m.d_params:
+        p.requires_grad_(True)
+    out["loss_gen"] = loss_g
+    return out
 
 
 def main(argv=None):
     args = parse_args(argv)
     validate_args(args)
     device = common.pick_device(args.device)
-    common.autocast(device, args.amp)  # rejects --amp fp16 on the CPU before anything is written
+    common.autocast(device, args.amp)  # refuses --amp fp16 on the CPU before anything is written
     if args.check_host_sync and device.type != "cuda":
         raise common.UserError("--check-host-sync needs a CUDA device")
-    common.check_out_dir(args.out_dir, args.exp_name)
-    # sizes whose memory cannot exist are refused here, naming their flags (lower bounds: the largest tensors)
-    mbd = args.mbd_kernels * args.mbd_dim if args.minibatch_disc else 0
-
-    def nets():  # built on the meta device by common.parameter_count: no memory
-        return [Discriminator(args.minibatch_disc, args.mbd_kernels, args.mbd_dim), Generator(args.vbn)]
-
-    common.check_fits(device, {
-        "D and G (--mbd-kernels x --mbd-dim)": 4 * 5 * common.parameter_count(nets),  # + gradients, Adam, EMA
-        "one training step (--batch-size; minibatch discrimination: --batch-size^2 x --mbd-kernels x --mbd-dim)":
-            4 * 4 * args.batch_size * (784 + 1000 + 500 + 3 * 250) + 4 * 3 * args.batch_size ** 2 * mbd,
-        "the fake data set (--fake-size)": 4 * 784 * 2 * (args.fake_size or 0),
-    })
-    resume_state = None
-    if args.resume:
-        resume_state = common.load_checkpoint(args.resume)
-        common.check_resume_config(resume_state["args"], args)
-
-    # seeding
+    # sizes whose memory cannot exist are refused here, naming their flags (one step counted on the meta device)
+    common.check_fits(device, "the models and one training step (--batch-size; --mbd-kernels x --mbd-dim)",
+                      lambda: fit_step(args), {"the fake data set (--fake-size)": 4 * 784 * 2 * (args.fake_size or 0)})
+    run = common.Run(args, allowed=("download",), argv=argv, script=__file__)  # loads and checks --resume
     common.seed_everything(args.seed, args.torch_deterministic)
 
     # data: on the device once; batches are index tensors into it
     x_train, y_train, x_test, y_test = load_data(args, device)
-    n_train, batch = len(x_train), args.batch_size
-    if batch > n_train:
-        raise common.UserError(f"--batch-size {batch} is larger than the training set ({n_train} digits)")
+    n_train, B = len(x_train), args.batch_size
+    if B > n_train:
+        raise common.UserError(f"--batch-size {B} is larger than the training set ({n_train} digits)")
     lab_idx = common.balanced_label_indices(y_train.cpu(), args.num_labels, args.seed_data, NUM_CLASSES).to(device)
     x_lab, y_lab = x_train[lab_idx], y_train[lab_idx]
-    steps_per_epoch = n_train // batch
-    total_steps = steps_per_epoch * args.epochs
-    if args.max_steps is not None:
-        total_steps = min(total_steps, args.max_steps)
+    steps_per_epoch = n_train // B
+    total_steps = min(steps_per_epoch * args.epochs, args.max_steps or steps_per_epoch * args.epochs)
+    if run.ckpt is not None and run.ckpt.get("steps_per_epoch", steps_per_epoch) != steps_per_epoch:
+        raise common.UserError(f"--resume {args.resume}: made with {run.ckpt['steps_per_epoch']} steps per epoch, "
+                               f"this data gives {steps_per_epoch} (another data set?)")
 
-    # models and optimisers
+    # models, optimisers, averages
     D = Discriminator(args.minibatch_disc, args.mbd_kernels, args.mbd_dim).to(device)
     G = None if args.supervised_only else Generator(args.vbn).to(device)
-    if resume_state is None:
-        # data-dependent init of D's weight norm: one training-mode forward (noise on) on a data batch
-        g_init = torch.Generator().manual_seed(args.seed_data)
-        if args.supervised_only:
-            x_init = x_lab[torch.randperm(len(x_lab), generator=g_init)[: args.init_size].to(device)]
-        else:
-            x_init = x_train[torch.randperm(n_train, generator=g_init)[: args.init_size].to(device)]
-        with torch.no_grad():
-            D.train()(x_init)
-    d_params = [p for p in D.parameters() if p.requires_grad]
-    fused = device.type == "cuda"  # one multi-tensor kernel, and GradScaler.step without a host sync under fp16
-    opt_d = torch.optim.Adam(d_params, lr=args.lr, betas=(args.beta1, args.beta2), eps=args.adam_eps, fused=fused)
-    # after the init, so the average starts from the initialised weights; the warm-up lets it follow D early on
-    ema = common.EMA(D, args.ema_decay, warmup=args.ema_warmup)
-    scaler_d = torch.amp.GradScaler(device.type, enabled=args.amp == "fp16")
-    hist_d = common.HistoricalAverage(D) if args.hist_avg > 0 else None
-    if G is not None:
-        g_params = [p for p in G.parameters() if p.requires_grad]
-        opt_g = torch.optim.Adam(g_params, lr=args.lr, betas=(args.beta1, args.beta2), eps=args.adam_eps, fused=fused)
-        scaler_g = torch.amp.GradScaler(device.type, enabled=args.amp == "fp16")
-        hist_g = common.HistoricalAverage(G) if args.hist_avg > 0 else None
-        fixed_z = torch.rand(100, Z_DIM, generator=torch.Generator().manual_seed(args.seed)).to(device)
-        vbn_ref_z = torch.rand(batch, Z_DIM, generator=torch.Generator().manual_seed(args.seed + 1)).to(device)
-    d_fwd = torch.compile(D) if args.compile else D
-    g_fwd = torch.compile(G) if args.compile and G is not None else G
+    # data-dependent init of D's weight norm: one training-mode forward (noise on) of --init-size digits
+    x_init = x_lab if args.supervised_only else x_train
+    with torch.no_grad():
+        D.train()(x_init[torch.randperm(len(x_init), generator=torch.Generator().manual_seed(args.seed_data))
+                         [: args.init_size].to(device)])
+    adam = dict(lr=args.lr, betas=(args.beta1, args.beta2), eps=args.adam_eps, fused=device.type == "cuda")
+    d_params, gan, hist = [p for p in D.parameters() if p.requires_grad], G is not None, args.hist_avg > 0
+    m = SimpleNamespace(  # what train_step uses; the EMA and the averages start from the initialised weights
+        D=D, G=G, d_params=d_params, ema=common.EMA(D, args.ema_decay, warmup=args.ema_warmup),
+        opt_d=torch.optim.Adam(d_params, **adam),
+        opt_g=torch.optim.Adam([p for p in G.parameters() if p.requires_grad], **adam) if gan else None,
+        scaler_d=torch.amp.GradScaler(device.type, enabled=args.amp == "fp16"),
+        scaler_g=torch.amp.GradScaler(device.type, enabled=args.amp == "fp16") if gan else None,
+        hist_d=common.HistoricalAverage(D) if hist else None,
+        hist_g=common.HistoricalAverage(G) if hist and gan else None,
+        vbn_z=(torch.rand(B, Z_DIM, generator=torch.Generator().manual_seed(args.seed + 1)).to(device)
+               if args.vbn else None),  # the fixed reference batch of virtual batch norm
+        # static shapes: D sees 3B and B digits a step (B only with minibatch discrimination), G B; samples: eager G
+        d_fwd=torch.compile(D, dynamic=False) if args.compile else D,
+        g_fwd=torch.compile(G, dynamic=False) if args.compile and gan else G)
+    fixed_z = torch.rand(100, Z_DIM, generator=torch.Generator().manual_seed(args.seed)).to(device)  # sample grid
 
-    def generate(z):
-        if args.vbn:
-            common.vbn_reference_pass(G, vbn_ref_z)  # reference statistics, recomputed with the current weights
-        return g_fwd(z)
-
-    def d_logits(*xs):
-        """D's logits of several batches: one concatenated forward (per-example noise, no batch coupling) unless
-        minibatch discrimination couples the examples of a batch, then one forward per batch."""
-        if D.mbd is not None:
-            return [d_fwd(x)[0] for x in xs]
-        return d_fwd(torch.cat(xs))[0].split([len(x) for x in xs])
-
-    # resume: structure, shapes, step and finiteness checked before any of the checkpoint is applied
-    step, epoch, start_batch, train_time = 0, 0, 0, 0.0
-    step_losses = torch.zeros(steps_per_epoch, 4, device=device)  # loss_lab, loss_unl, loss_gen, train_err
-    if resume_state is not None:
-        s = resume_state
-        common.check_checkpoint(args.resume, s, {"D": D, "ema": ema.module, **({"G": G} if G is not None else {})},
-                                keys=("opt_d", "scaler_d", "epoch", "batch_in_epoch", "train_time", "ema_updates")
-                                + (("opt_g", "scaler_g") if G is not None else ())
-                                + (("hist_d", "hist_g") if hist_d is not None else ()),
-                                tensors={"step_losses": (steps_per_epoch, 4)}, max_step=total_steps)
-        with common.checkpoint_errors(args.resume):
-            D.load_state_dict(s["D"]), common.load_optimizer_state(opt_d, s["opt_d"]), ema.load_state_dict(s["ema"])
-            scaler_d.load_state_dict(s["scaler_d"])
-            if G is not None:
-                G.load_state_dict(s["G"]), common.load_optimizer_state(opt_g, s["opt_g"])
-                scaler_g.load_state_dict(s["scaler_g"])
-            if hist_d is not None:
-                hist_d.load_state_dict(s["hist_d"]), hist_g.load_state_dict(s["hist_g"])
-            step, epoch, start_batch = s["step"], int(s["epoch"]), int(s["batch_in_epoch"])
-            train_time = float(s["train_time"])
-            if step != epoch * steps_per_epoch + start_batch or not 0 <= start_batch < steps_per_epoch:
-                raise ValueError(f"step {step} is not epoch {epoch} x {steps_per_epoch} steps + batch {start_batch}")
-            ema.num_updates = int(s["ema_updates"])
-            step_losses.copy_(s["step_losses"])
-            common.set_rng_state(s["rng"])
-
-    # the run folder, locked for this process (a second writer is refused, naming this one)
-    run_dir = common.make_run_dir(args, resume_dir=Path(args.resume).parent.parent if args.resume else None)
-    ckpt_path = run_dir / "checkpoints" / "last.pt"
-    logger = common.MetricsLogger(run_dir, track=args.track)
-    if resume_state is None:  # which training digits carry labels, so the split can be reused elsewhere
-        common.write_json(run_dir / "labeled_indices.json", {"seed_data": args.seed_data, "indices": lab_idx.tolist()})
-    else:
-        logger.truncate_after(step)
-        print(f"resumed from {args.resume} at step {step} (epoch {epoch}, batch {start_batch})", flush=True)
-    print(f"run folder {run_dir} | device {device} | {n_train} train / {len(x_test)} test digits | "
-          f"{args.num_labels} labels | {steps_per_epoch} steps per epoch", flush=True)
-
-    def checkpoint():
-        state = {"args": vars(args), "D": D.state_dict(), "opt_d": opt_d.state_dict(), "ema": ema.state_dict(),
-                 "ema_updates": ema.num_updates, "scaler_d": scaler_d.state_dict(), "step": step, "epoch": epoch,
-                 "batch_in_epoch": batch_in_epoch, "k": k, "train_time": train_time, "step_losses": step_losses.cpu(),
-                 "rng": common.rng_state()}
-        if G is not None:
-            state.update(G=G.state_dict(), opt_g=opt_g.state_dict(), scaler_g=scaler_g.state_dict())
-        if hist_d is not None:
-            state.update(hist_d=hist_d.state_dict(), hist_g=hist_g.state_dict())
-        common.save_checkpoint(ckpt_path, state)  # refuses non-finite weights: a saved checkpoint is a good one
-
-    def evaluate(tag):
-        err_ema, err_raw = count_errors(ema.module, x_test, y_test), count_errors(D, x_test, y_test)
-        if G is not None:
-            from torchvision.utils import save_image
-            with torch.no_grad():
-                save_image(generate(fixed_z).float().view(-1, 1, 28, 28), run_dir / "samples" / f"{tag}.png", nrow=10)
-        n = len(x_test)
-        return {"test_err_ema": err_ema, "test_err_ema_pct": 100.0 * err_ema / n,
-                "test_err_raw": err_raw, "test_err_raw_pct": 100.0 * err_raw / n}
-
-    def check_finite(rows: torch.Tensor, first_step: int) -> None:
-        bad = ~torch.isfinite(rows).all(dim=1)
-        if bool(bad.any()):
-            at = first_step + int(bad.nonzero()[0]) + 1
-            kept = f"the last good checkpoint is {ckpt_path}" if ckpt_path.exists() else "no checkpoint was written yet"
-            raise common.UserError(f"non-finite loss at step {at} (epoch {epoch + 1}); stopping, {kept}")
+    # the run: what every checkpoint holds; a resume applies it here, then the folder is created (or reopened)
+    run.register(D=D, G=G, ema=m.ema.module, opt_d=m.opt_d, opt_g=m.opt_g, scaler_d=m.scaler_d,
+                 scaler_g=m.scaler_g, hist_d=m.hist_d, hist_g=m.hist_g)
+    extra = run.start(total_steps, device, keys=("ema_updates", "steps_per_epoch"), rate=("images_per_s", B),
+                      unit="step")  # images: the unlabeled digits D trains on, B a step
+    m.ema.num_updates = int(extra.get("ema_updates", 0))
+    if args.resume is None:  # which training digits carry labels, so the split can be reused elsewhere
+        common.write_json(run.dir / "labeled_indices.json", {"seed_data": args.seed_data, "indices": lab_idx.tolist()})
+    print(f"device {device} | {n_train} train / {len(x_test)} test digits | {args.num_labels} labels | "
+          f"{steps_per_epoch} steps per epoch", flush=True)
 
     # training loop
-    progress = common.Progress(total_steps, start=step)
-    last_record, batch_in_epoch, k = {}, start_batch, batch
-    t_run = time.perf_counter()
-    sync_check_from = step + 2 if args.check_host_sync else None  # first steps: compilation, lazy CUDA init
-    stop = common.StopRequest()  # Ctrl-C: finish the step, save a checkpoint, print how to resume
-    while epoch < args.epochs and step < total_steps:
+    step, last_eval = run.step, {}
+    sync_from = step + 2  # --check-host-sync: the first two steps of a process compile and initialise lazily
+    while step < total_steps:
+        epoch, i = divmod(step, steps_per_epoch)
         # ALGO LOGIC: top-k: k = max(mu, floor(B * gamma^epoch)) from the epoch counter (k = B without --topk)
-        k = common.topk_k(batch, epoch, args.mu, args.gamma) if args.topk else batch
-        order_lab, order_unl, order_unl2 = (o.to(device) for o in
-                                           epoch_orders(args.seed, epoch, n_train, len(x_lab), steps_per_epoch, batch))
-        if batch_in_epoch == 0:
-            step_losses.zero_()
-        first_batch = batch_in_epoch
-        t_epoch = time.perf_counter()
-        while batch_in_epoch < steps_per_epoch and step < total_steps:
-            if sync_check_from is not None:
-                common.check_host_sync(step >= sync_check_from)
-            sl = slice(batch_in_epoch * batch, (batch_in_epoch + 1) * batch)
-            xl, yl, xu = x_lab[order_lab[sl]], y_lab[order_lab[sl]], x_train[order_unl[sl]]
+        k = common.topk_k(B, epoch, args.mu, args.gamma) if args.topk else B
+        if i == 0 or step == run.step:  # the epoch's data order (also that of the epoch a resume continues)
+            lab, unl, unl2 = (o.to(device) for o in
+                              epoch_orders(args.seed, epoch, n_train, len(x_lab), steps_per_epoch, B))
+        if args.check_host_sync:
+            common.check_host_sync(step >= sync_from)
+        sl = slice(i * B, (i + 1) * B)
+        run.add(**train_step(m, args, x_lab[lab[sl]], y_lab[lab[sl]], x_train[unl[sl]], x_train[unl2[sl]], k))
+        step += 1
+        if args.check_host_sync:
+            common.check_host_sync(False)  # logging, evaluation and checkpoints read from the device
 
-            # D step
-            with common.autocast(device, args.amp):
-                if G is None:
-                    logits_lab = d_fwd(xl)[0]
-                    loss_unl = torch.zeros((), device=device)
-                else:
-                    with torch.no_grad():
-                        x_fake = generate(torch.rand(batch, Z_DIM, device=device))
-                    logits_lab, logits_unl, logits_fake = d_logits(xl, xu, x_fake)
-                    # ALGO LOGIC: K+1 classes: D(x) = Z/(Z+1), unlabeled real vs fake loss on lse(l)
-                    loss_unl = kplus1_unlabeled_loss(logits_unl, logits_fake, args.label_smoothing)
-                loss_lab = labeled_loss(logits_lab, yl)
-                loss_d = loss_lab + args.unlabeled_weight * loss_unl
-                if hist_d is not None:
-                    loss_d = loss_d + args.hist_avg * hist_d.penalty(D)  # ALGO LOGIC: historical averaging
-            opt_d.zero_grad(set_to_none=True)
-            scaler_d.scale(loss_d).backward()
-            scaler_d.step(opt_d)
-            scaler_d.update()
-            ema.update(D)  # ALGO LOGIC: EMA of D's weights, used for the test error
-            if hist_d is not None:
-                hist_d.update(D)
-            train_err = (logits_lab.detach().argmax(1) != yl).float().mean()
+        epoch_end = step % steps_per_epoch == 0
+        if epoch_end or step == total_steps or run.stop_requested:
+            run.log_window(step, epoch=epoch + 1, k=k)  # one host sync: means, the non-finite check, progress
+        if epoch_end and ((epoch + 1) % args.eval_every == 0 or epoch + 1 == args.epochs):
+            last_eval = {"step": step, **evaluate(m, x_test, y_test, fixed_z,
+                                                  run.dir / "samples" / f"epoch_{epoch + 1:04d}.png")}
+            run.log({"step": step, "epoch": epoch + 1, "k": k, **last_eval})
+        if epoch_end and args.save_every and (epoch + 1) % args.save_every == 0 and step < total_steps:
+            run.save(step, ema_updates=m.ema.num_updates, steps_per_epoch=steps_per_epoch)
+        if run.stop_requested:  # Ctrl-C or SIGTERM: save here, print the command that continues the run
+            run.interrupt(step, ema_updates=m.ema.num_updates, steps_per_epoch=steps_per_epoch)
 
-            # G step
-            loss_g = torch.zeros((), device=device)
-            if G is not None:
-                for p in d_params:
-                    p.requires_grad_(False)
-                with common.autocast(device, args.amp):
-                    x_fake = generate(torch.rand(batch, Z_DIM, device=device))
-                    logits_fake, feat_fake = d_fwd(x_fake)
-                    # ALGO LOGIC: top-k: keep the k fakes with the highest (lowest: --bottomk) realness logit lse(l)
-                    keep = common.select_topk(realness_logit(logits_fake), k, largest=not args.bottomk)
-                    if args.feature_matching:
-                        with torch.no_grad():
-                            feat_real = d_fwd(x_train[order_unl2[sl]])[1]
-                        # ALGO LOGIC: feature matching, fake mean over the kept fakes
-                        loss_g = feature_matching_loss(feat_real, feat_fake[keep])
-                    else:
-                        loss_g = nonsaturating_generator_loss(logits_fake[keep])
-                    loss_g_total = loss_g + args.hist_avg * hist_g.penalty(G) if hist_g is not None else loss_g
-                opt_g.zero_grad(set_to_none=True)
-                scaler_g.scale(loss_g_total).backward()
-                scaler_g.step(opt_g)
-                scaler_g.update()
-                if hist_g is not None:
-                    hist_g.update(G)
-                for p in d_params:
-                    p.requires_grad_(True)
-
-            step_losses[batch_in_epoch] = torch.stack([loss_lab.detach(), loss_unl.detach(), loss_g.detach(), train_err]).float()
-            batch_in_epoch += 1
-            step += 1
-            if sync_check_from is not None:
-                common.check_host_sync(False)  # logging, evaluation and checkpoints read from the device
-            if progress.due(step):
-                progress.report(step, epoch=epoch + 1, k=k, **{k_: v for k_, v in last_record.items() if "pct" in k_})
-            if stop:  # Ctrl-C: stop at this step boundary (below: checkpoint, one line saying how to continue)
-                break
-
-        # end of epoch (or of --max-steps)
-        check_finite(step_losses[first_batch:batch_in_epoch], step - (batch_in_epoch - first_batch))
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        epoch_time = time.perf_counter() - t_epoch
-        train_time += epoch_time
-        if batch_in_epoch < steps_per_epoch:  # stopped inside the epoch; the checkpoint keeps the position
-            if stop:  # Ctrl-C (the epoch's per-step losses so far are in the checkpoint)
-                checkpoint()
-                raise common.interrupted(__file__, argv, step, ckpt_path)
-            break  # --max-steps
-        means = step_losses.mean(0).tolist()
-        epoch += 1
-        batch_in_epoch = 0
-        record = {"step": step, "epoch": epoch, "k": k, "loss_lab": means[0], "loss_unl": means[1],
-                  "loss_gen": means[2], "train_err": means[3], "epoch_time_s": epoch_time,
-                  "it_s": (steps_per_epoch - first_batch) / max(epoch_time, 1e-9)}
-        if epoch % args.eval_every == 0 or epoch == args.epochs:
-            record.update(evaluate(f"epoch_{epoch:04d}"))
-        logger.log(record)
-        last_record = record
-        if epoch % args.save_every == 0 or epoch == args.epochs or stop:
-            checkpoint()
-        if stop:  # Ctrl-C at the last step of an epoch, after the epoch's log line and evaluation
-            raise common.interrupted(__file__, argv, step, ckpt_path)
-    stop.restore()
-
-    # final evaluation and summary
-    final = last_record if "test_err_ema" in last_record and batch_in_epoch == 0 else evaluate(f"step_{step:06d}")
-    checkpoint()
-    epoch_times = [r["epoch_time_s"] for r in _read_jsonl(run_dir / "metrics.jsonl")]
-    summary = {"test_err_ema": final["test_err_ema"], "test_err_ema_pct": final["test_err_ema_pct"],
-               "test_err_raw": final["test_err_raw"], "test_err_raw_pct": final["test_err_raw_pct"],
-               "n_test": len(x_test), "n_train": n_train, "num_labels": args.num_labels, "seed": args.seed,
-               "seed_data": args.seed_data, "supervised_only": args.supervised_only, "topk": args.topk,
-               "epochs_done": epoch, "steps": step, "k": k, "train_time_s": train_time,
-               "wall_time_s": time.perf_counter() - t_run,
-               "mean_epoch_time_s": sum(epoch_times) / len(epoch_times) if epoch_times else None,
-               "device": str(device) if device.type == "cpu" else torch.cuda.get_device_name(device),
-               "torch_threads": torch.get_num_threads()}
-    common.write_json(run_dir / "summary.json", summary)
-    logger.close()
-    common.unlock_run_dir(run_dir)
-    print(f"test error (EMA of D): {summary['test_err_ema']} / {len(x_test)} = {summary['test_err_ema_pct']:.2f}% | "
-          f"raw D: {summary['test_err_raw']} = {summary['test_err_raw_pct']:.2f}% | {run_dir}", flush=True)
-    return run_dir
-
-
-def _read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+    # final evaluation (unless the last epoch's is at this step), checkpoint and summary
+    if last_eval.get("step") != step:
+        last_eval = evaluate(m, x_test, y_test, fixed_z, run.dir / "samples" / f"step_{step:06d}.png")
+    run.save(step, ema_updates=m.ema.num_updates, steps_per_epoch=steps_per_epoch)
+    final = {key: last_eval[key] for key in ("test_err_ema", "test_err_ema_pct", "test_err_raw", "test_err_raw_pct")}
+    run.finish({**final, "n_test": len(x_test), "n_train": n_train, "num_labels": args.num_labels, "seed": args.seed,
+                "seed_data": args.seed_data, "supervised_only": args.supervised_only, "topk": args.topk,
+                "epochs_done": step // steps_per_epoch, "steps": step, "k": k},
+               line=f" | test error (EMA of D) {final['test_err_ema']} / {len(x_test)} = "
+                    f"{final['test_err_ema_pct']:.2f}%, raw D {final['test_err_raw_pct']:.2f}%")
+    return run.dir
 
 
 if __name__ == "__main__":

@@ -1,23 +1,39 @@
 """Tests of improved_gan_mnist.py: the K+1 loss, the models, and CPU runs on tiny MNIST idx files."""
 
 import json
+import re
+import shutil
+import signal
 
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import assert_one_line_error, only_run_dir, run_script, write_mnist
+from conftest import REPO, assert_one_line_error, only_run_dir, run_script, write_mnist
 
+import common
 import improved_gan_mnist as igm
 
 SCRIPT = "improved_gan_mnist.py"
 # 200 training digits (20 per class), 50 test digits; batch 50 → 4 steps per epoch; k = 50 then 25.
 BASE = ["--device", "cpu", "--num-labels", "20", "--batch-size", "50", "--epochs", "2", "--eval-every", "1",
         "--topk", "--mu", "10", "--gamma", "0.5", "--no-download"]
-TIMING_KEYS = {"epoch_time_s", "it_s"}
 
 
 def read_jsonl(path):
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def evals(run_dir):
+    """The evaluation records of a run's metrics.jsonl."""
+    return [r for r in read_jsonl(run_dir / "metrics.jsonl") if "test_err_ema" in r]
+
+
+def assert_same_weights(a, b):
+    sa, sb = (torch.load(d / "checkpoints" / "last.pt", weights_only=True) for d in (a, b))
+    for key in ("D", "G", "ema"):
+        assert sa[key].keys() == sb[key].keys()
+        for name in sa[key]:
+            assert torch.equal(sa[key][name], sb[key][name]), f"{key}.{name} differs"
 
 
 @pytest.fixture(scope="module")
@@ -63,8 +79,9 @@ def test_losses_stay_finite_for_large_logits_and_match_definitions():
     y = torch.randint(0, 10, (8,))
     assert igm.labeled_loss(logits, y).item() == pytest.approx(
         (-logits[torch.arange(8), y] + torch.logsumexp(logits, 1)).mean().item(), rel=1e-5)
-    fr, ff = torch.randn(20, 250), torch.randn(7, 250)
-    assert igm.feature_matching_loss(fr, ff).item() == pytest.approx(((ff.mean(0) - fr.mean(0)) ** 2).mean().item(), rel=1e-5)
+    fr, ff = torch.randn(20, 250), torch.randn(7, 250)  # the official MNIST form: mean over the features
+    assert common.feature_matching_loss(fr, ff, igm.FEATURE_MATCHING).item() == pytest.approx(
+        ((ff.mean(0) - fr.mean(0)) ** 2).mean().item(), rel=1e-5)
 
 
 def test_models_follow_the_official_architecture():
@@ -94,11 +111,14 @@ def test_models_follow_the_official_architecture():
 # Runs on tiny MNIST
 # ----------------------------------------------------------------------------------------------------------------
 def test_smoke_run_outputs(full_run, mnist_root):
-    records = read_jsonl(full_run / "metrics.jsonl")
-    assert [(r["step"], r["epoch"], r["k"]) for r in records] == [(4, 1, 50), (8, 2, 25)]  # top-k schedule
+    records = evals(full_run)
+    losses = [r for r in read_jsonl(full_run / "metrics.jsonl") if "loss_lab" in r]
+    for rs in (records, losses):
+        assert [(r["step"], r["epoch"], r["k"]) for r in rs] == [(4, 1, 50), (8, 2, 25)]  # top-k schedule
+    assert all(torch.isfinite(torch.tensor(r[k])) for r in losses for k in ("loss_lab", "loss_unl", "loss_gen"))
     for r in records:
         assert 0 <= r["test_err_ema"] <= 50 and r["test_err_ema_pct"] == pytest.approx(2 * r["test_err_ema"])
-        assert 0 <= r["test_err_raw"] <= 50 and all(torch.isfinite(torch.tensor(r[k])) for k in ("loss_lab", "loss_unl", "loss_gen"))
+        assert 0 <= r["test_err_raw"] <= 50
         assert (full_run / "samples" / f"epoch_{r['epoch']:04d}.png").is_file()
     summary = json.loads((full_run / "summary.json").read_text())
     assert summary["test_err_ema"] == records[-1]["test_err_ema"] and summary["n_test"] == 50
@@ -145,21 +165,120 @@ def test_resume_equals_uninterrupted(full_run, mnist_root, tmp_path):
     run_script(SCRIPT, *BASE, "--data-dir", mnist_root, "--out-dir", out, "--resume", run_dir / "checkpoints" / "last.pt",
                check=True)
     assert only_run_dir(out) == run_dir
-    a = torch.load(full_run / "checkpoints" / "last.pt", weights_only=True)
-    b = torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)
-    for key in ("D", "G", "ema"):
-        assert a[key].keys() == b[key].keys()
-        for name in a[key]:
-            assert torch.equal(a[key][name], b[key][name]), f"{key}.{name} differs"
-    strip = lambda rs: [{k: v for k, v in r.items() if k not in TIMING_KEYS} for r in rs]
-    assert strip(read_jsonl(run_dir / "metrics.jsonl")) == strip(read_jsonl(full_run / "metrics.jsonl"))
+    assert_same_weights(full_run, run_dir)  # the weights and evaluations of the uninterrupted run (loss lines may split)
+    assert evals(run_dir) == evals(full_run) and len(evals(run_dir)) == 2
     sa, sb = (json.loads((d / "summary.json").read_text()) for d in (full_run, run_dir))
     assert (sa["test_err_ema"], sa["test_err_raw"], sa["steps"]) == (sb["test_err_ema"], sb["test_err_raw"], sb["steps"])
+    assert sb["resumed_from_step"] == 6
 
     # a different configuration is refused
     proc = run_script(SCRIPT, *BASE, "--data-dir", mnist_root, "--out-dir", out, "--lr", "0.001",
                       "--resume", run_dir / "checkpoints" / "last.pt")
     assert "different configuration" in assert_one_line_error(proc)
+
+
+def refused(argv, capsys) -> str:
+    """main(argv) through common.run_cli in this process, as on the command line: the one `error:` line (status 2)."""
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as info:
+        common.run_cli(lambda: igm.main([str(a) for a in argv]))
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert info.value.code == 2 and len(err) == 1 and err[0].startswith("error: "), err
+    return err[0]
+
+
+def test_resume_refuses_another_epoch_length_and_a_foreign_folder(full_run, tmp_path, capsys):
+    run = tmp_path / "copy" / full_run.name
+    shutil.copytree(full_run, run)
+    ckpt = run / "checkpoints" / "last.pt"
+    other = write_mnist(tmp_path / "other", per_class_train=25)  # 250 digits: 5 steps per epoch instead of 4
+    before = sorted((p, p.read_bytes()) for p in run.rglob("*") if p.is_file())
+    line = refused([*BASE, "--data-dir", other, "--epochs", "3", "--resume", ckpt], capsys)
+    assert "made with 4 steps per epoch, this data gives 5" in line
+    backup = tmp_path / "backup"  # a checkpoint copied out of its run folder
+    backup.mkdir()
+    shutil.copy(ckpt, backup / "last.pt")
+    assert "not inside a run folder" in refused([*BASE, "--data-dir", other, "--resume", backup / "last.pt"], capsys)
+    assert sorted((p, p.read_bytes()) for p in run.rglob("*") if p.is_file()) == before
+    assert [p.name for p in backup.iterdir()] == ["last.pt"]
+
+
+def test_sigterm_saves_and_the_printed_command_continues_exactly(mnist_root, tmp_path, capsys, monkeypatch):
+    """SIGTERM (what SLURM sends before a requeue) in the middle of step 3: the step finishes, last.pt is saved, the
+    printed command continues to the weights and evaluations of an uninterrupted run (all in this process)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        flags = [*BASE, "--data-dir", str(mnist_root)]
+        igm.main([*flags, "--out-dir", str(tmp_path / "whole")])
+        real, calls = igm.labeled_loss, []
+
+        def hooked(*args):
+            calls.append(1)
+            if len(calls) == 3:
+                signal.raise_signal(signal.SIGTERM)
+            return real(*args)
+
+        with monkeypatch.context() as m:
+            m.setattr(igm, "labeled_loss", hooked)
+            capsys.readouterr()
+            with pytest.raises(SystemExit) as info:
+                common.run_cli(lambda: igm.main([*flags, "--out-dir", str(tmp_path / "cut")]))
+        line = capsys.readouterr().err.strip()
+        assert info.value.code == 130 and line.startswith("interrupted: stopped at step 3"), line
+        command = line.split("continue with: ", 1)[1].split()
+        assert command[:2] == ["python", SCRIPT]
+        igm.main(command[2:])
+    finally:
+        torch.set_num_threads(threads)
+    whole, cut = only_run_dir(tmp_path / "whole"), only_run_dir(tmp_path / "cut")
+    assert_same_weights(whole, cut)
+    assert evals(whole) == evals(cut)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The CUDA paths, on the CPU
+# ----------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("mbd", [False, True])
+def test_d_logits_are_float32_under_bf16_autocast(mbd):
+    """The output layer runs in float32 under autocast: in bf16 the realness logits that top-k ranks would tie."""
+    torch.manual_seed(0)
+    d, x = igm.Discriminator(minibatch_disc=mbd, mbd_kernels=8, mbd_dim=3), torch.rand(64, 784)
+    with torch.no_grad():
+        d.train()(x)  # data-dependent init
+        d.eval()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            logits, features = d(x)
+        assert features.dtype == torch.bfloat16 and logits.dtype == torch.float32
+        h = d.mbd(features) if mbd else features  # eval mode: no noise, so this is the output layer's input
+        assert torch.equal(logits, d.out(h.float()))  # the same layer in float32 on the same (bf16) features
+
+
+def test_cuda_synchronize_is_given_the_device():
+    """torch.cuda.synchronize() without a device waits for GPU 0, not for the --device cuda:N of the run."""
+    calls = re.findall(r"torch\.cuda\.synchronize\(([^)]*)\)", (REPO / SCRIPT).read_text())
+    assert all(arg.strip() for arg in calls), calls
+
+
+def test_compiled_models_see_only_the_training_batch_shapes(mnist_root, tmp_path, monkeypatch):
+    """--compile with static shapes: the compiled G sees only the training batch (the sample grid of 100 comes from
+    the eager G, so a batch other than 100 never recompiles it), the compiled D its two batch shapes. Also runs the
+    bf16 autocast path on the CPU."""
+    seen = {}
+
+    def recording_compile(module, **kwargs):
+        assert kwargs.get("dynamic") is False
+
+        def forward(x):
+            seen.setdefault(type(module).__name__, set()).add(tuple(x.shape))
+            return module(x)
+        return forward
+
+    monkeypatch.setattr(torch, "compile", recording_compile)
+    igm.main(["--device", "cpu", "--num-labels", "20", "--batch-size", "40", "--epochs", "1", "--no-download",
+              "--data-dir", str(mnist_root), "--out-dir", str(tmp_path), "--compile", "--amp", "bf16", "--topk"])
+    assert seen == {"Generator": {(40, 100)}, "Discriminator": {(120, 784), (40, 784)}}
+    assert len(evals(only_run_dir(tmp_path))) == 1
 
 
 @pytest.mark.parametrize("flags, message", [

@@ -41,7 +41,7 @@ MODULES = {"mog_topk.py": mog_topk, "dcgan_cifar_topk.py": dcgan_cifar_topk,
            "improved_gan_mnist.py": improved_gan_mnist, "improved_gan_cifar.py": improved_gan_cifar}
 SCRIPTS = list(MODULES)
 # tiny runs: mog 20 iterations (a checkpoint every 5); dcgan 2 epochs of 2 steps; mnist 2 epochs of 4 steps;
-# cifar 4 steps (a checkpoint every 2)
+# cifar 6 steps, 4 per epoch (checkpoints at step 4 and at the end)
 TINY = {
     "mog_topk.py": ["--hidden-dim", "16", "--batch-size", "32", "--iterations", "20", "--eval-samples", "200",
                     "--device", "cpu", "--log-every", "5", "--eval-every", "10", "--save-every", "5"],
@@ -50,11 +50,11 @@ TINY = {
                             "--grid-size", "4"],
     "improved_gan_mnist.py": ["--dataset", "fake", "--fake-size", "100", "--batch-size", "25", "--num-labels", "20",
                               "--epochs", "2", "--device", "cpu", "--save-every", "1"],
-    "improved_gan_cifar.py": ["--dataset", "fake", "--fake-size", "100", "--batch-size", "2", "--num-labels", "10",
-                              "--init-size", "10", "--grid-size", "4", "--device", "cpu", "--epochs", "1",
-                              "--max-steps", "4", "--save-every", "2"],
+    "improved_gan_cifar.py": ["--dataset", "fake", "--fake-size", "21", "--batch-size", "5", "--num-labels", "10",
+                              "--init-size", "10", "--grid-size", "4", "--device", "cpu", "--epochs", "2",
+                              "--max-steps", "6", "--save-every", "1"],
 }
-FIRST_SAVE = {"mog_topk.py": 5, "dcgan_cifar_topk.py": 2, "improved_gan_mnist.py": 4, "improved_gan_cifar.py": 2}
+FIRST_SAVE = {"mog_topk.py": 5, "dcgan_cifar_topk.py": 2, "improved_gan_mnist.py": 4, "improved_gan_cifar.py": 4}
 # a function each script calls once per training step (to inject a Ctrl-C in the middle of a run)
 STEP_HOOK = {"mog_topk.py": "sample_real", "dcgan_cifar_topk.py": "generator_loss",
              "improved_gan_mnist.py": "labeled_loss", "improved_gan_cifar.py": "unsupervised_loss"}
@@ -220,7 +220,7 @@ def test_4_mnist_names_no_checkpoint_before_the_first_one(tmp_path, capsys, monk
     monkeypatch.setattr(improved_gan_mnist, "labeled_loss", lambda *a: real(*a) * float("nan"))
     out = tmp_path / "runs"
     refused("improved_gan_mnist.py", [*TINY["improved_gan_mnist.py"], "--out-dir", out], capsys,
-            "non-finite loss at step 1", "no checkpoint was written yet")
+            "non-finite loss_lab (nan) at step 1", "last good checkpoint: none yet")
     assert not (only_run_dir(out) / "checkpoints" / "last.pt").exists()
 
 
@@ -733,7 +733,7 @@ def test_ema_warmup_on_and_raw_and_ema_errors_side_by_side(script, runs):
 
 def test_cifar_final_line_shows_both_test_errors(tmp_path, capsys):
     improved_gan_cifar.main([*TINY["improved_gan_cifar.py"], "--max-steps", "1", "--out-dir", str(tmp_path)])
-    final = [line for line in capsys.readouterr().out.splitlines() if line.startswith("final:")]
+    final = [line for line in capsys.readouterr().out.splitlines() if line.startswith("done:")]
     assert len(final) == 1 and "test_error=" in final[0] and "test_error_raw=" in final[0]
 
 
@@ -742,18 +742,19 @@ def test_dcgan_sample_bn_batch_uses_batch_statistics_and_keeps_running_averages(
     G = dcgan_cifar_topk.Generator(nz=8, ngf=4)
     dcgan_cifar_topk.dcgan_init(G)
     G.train()(torch.randn(16, 8))  # running statistics away from their initial values
-    G.eval()
     before = {k: v.clone() for k, v in G.state_dict().items()}
     z = torch.randn(6, 8)
-    with torch.no_grad(), dcgan_cifar_topk.batch_statistics(G):
-        batch_mode = G(z)
+    args = dcgan_cifar_topk.parse_args(["--sample-bn", "batch"])
+    batch_mode = dcgan_cifar_topk.sample(G, z, args, None)
     assert all(torch.equal(before[k], v) for k, v in G.state_dict().items())  # nothing changed
-    assert not any(m.training for m in G.modules())
+    assert all(m.training for m in G.modules())  # back in training mode
     reference = dcgan_cifar_topk.Generator(nz=8, ngf=4)
     reference.load_state_dict(before)
     with torch.no_grad():
+        running = dcgan_cifar_topk.sample(G, z, dcgan_cifar_topk.parse_args([]), None)
+        assert torch.equal(running, reference.eval()(z))  # the default: the running statistics
         torch.testing.assert_close(batch_mode, reference.train()(z))  # = a training-mode forward
-        assert not torch.allclose(G(z), batch_mode, atol=1e-3)  # and not the running-statistics samples
+        assert not torch.allclose(running, batch_mode, atol=1e-3)
 
 
 def test_cifar_sample_bn_running_keeps_the_official_running_averages():

@@ -128,7 +128,7 @@ RENAMED_ENTRIES: dict[str, dict[str, str]] = {}
 
 CONTEXT_KEYS = ("step", "epoch", "k")
 EVAL_KEYS = {"fid", "fid_samples", "is_mean", "is_std", "final"}
-ENVIRONMENT_KEYS = {"run_dir", "device", "device_name", "threads", "torch_threads"}
+ENVIRONMENT_KEYS = {"run_dir", "device", "device_name", "threads", "torch_threads", "resumed_from_step"}  # bookkeeping
 
 
 def is_timing(key: str) -> bool:
