@@ -36,6 +36,7 @@ from __future__ import annotations
 import argparse
 import copy
 import math
+import sys
 import time
 from pathlib import Path
 
@@ -95,6 +96,9 @@ def parse_args(argv=None):
     g = p.add_argument_group("performance")
     g.add_argument("--amp", choices=["off", "bf16", "fp16"], default="off", help="autocast (fp16: CUDA only)")
     g.add_argument("--compile", action=flag, default=False, help="torch.compile G and D")
+    g.add_argument("--cuda-graph", action=flag, default=False,
+                   help="CUDA: capture the whole D+G step once as a CUDA graph and replay it (not with --compile, "
+                        "--amp fp16, --hist-avg, --hflip; on a CPU: the eager step, said once)")
     g.add_argument("--channels-last", action=flag, default=True, help="channels_last memory format, models and images")
     g.add_argument("--log-every", type=int, default=50,
                    help="generator steps between reads of the losses (each read synchronises the device)")
@@ -130,6 +134,8 @@ def validate_args(args) -> None:
         raise E("--fid-weights only applies when FID is on (drop --no-fid)")
     if args.fid_weights is not None and not Path(args.fid_weights).is_file():
         raise E(f"--fid-weights: file not found: {args.fid_weights}")
+    if args.cuda_graph and (args.compile or args.amp == "fp16" or args.hist_avg > 0 or args.hflip):
+        raise E("--cuda-graph cannot be combined with --compile, --amp fp16, --hist-avg or --hflip")
     if args.dataset == "fake":
         args.fake_size = 2048 if args.fake_size is None else args.fake_size
         if args.fake_size < args.batch_size:
@@ -227,6 +233,55 @@ def generator_loss(d_fake: torch.Tensor, k: int, bottomk: bool = False, feat_fak
     return F.softplus(-(d_fake if keep is None else d_fake[keep]).float()).mean()
 
 
+def generator_loss_masked(d_fake, k: torch.Tensor, bottomk: bool = False, feat_fake=None, feat_real=None):
+    """generator_loss with k a 0-d tensor, in rank-mask form: the weights (rank < k) keep the same k fakes, so one
+    captured CUDA graph serves every epoch's k (--cuda-graph). Equal to generator_loss up to float rounding."""
+    rank = d_fake.detach().float().argsort(descending=not bottomk).argsort()
+    keep = (rank < k).float()
+    if feat_real is not None:  # the mean of the kept rows, as one row
+        kept_mean = (feat_fake.float() * keep[:, None]).sum(0, keepdim=True) / k
+        return common.feature_matching_loss(feat_real, kept_mean, FEATURE_MATCHING)
+    return (F.softplus(-d_fake.float()) * keep).sum() / k
+
+
+class CudaGraphStep:
+    """--cuda-graph: train_step with the rank-mask top-k, captured once and replayed at every step. Static inputs:
+    the batch's indices (copied in from the epoch's permutation) and k (a device scalar); the noise is drawn inside
+    the graph. The first 3 calls run eagerly on a side stream (capture needs warmed-up state); each call is one
+    training step, so a run with it trains the same steps as without (and resumes like one)."""
+
+    def __init__(self, G, D, opt_d, opt_g, data, args, z_ref, memory_format):
+        self.G, self.D, self.opts, self.data, self.args, self.z_ref = G, D, (opt_d, opt_g), data, args, z_ref
+        self.idx = torch.zeros(args.batch_size, dtype=torch.long, device=data.device)
+        self.k = torch.zeros((), device=data.device)
+        self.memory_format, self.calls, self.graph, self.out = memory_format, 0, None, None
+
+    def step(self) -> dict:
+        x = self.data[self.idx].float().mul_(2.0 / 255.0).sub_(1.0).contiguous(memory_format=self.memory_format)
+        z = torch.randn(self.args.batch_size, self.args.nz, device=self.data.device)
+        return train_step(self.G, self.D, *self.opts, x, z, self.k, self.args, self.z_ref, g_loss=generator_loss_masked)
+
+    def __call__(self, idx: torch.Tensor, k: int) -> dict:
+        self.idx.copy_(idx)
+        self.k.fill_(k)
+        if self.graph is None and self.calls < 3:
+            self.calls += 1
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                out = self.step()
+            torch.cuda.current_stream().wait_stream(side)
+            return out
+        if self.graph is None:
+            for opt in self.opts:
+                opt.zero_grad(set_to_none=True)  # the captured backward passes allocate the gradients
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph):
+                self.out = self.step()
+        self.graph.replay()
+        return self.out
+
+
 def optimise(opt: torch.optim.Optimizer, loss: torch.Tensor, scaler=None) -> None:
     opt.zero_grad(set_to_none=True)
     if scaler is None:
@@ -238,7 +293,8 @@ def optimise(opt: torch.optim.Optimizer, loss: torch.Tensor, scaler=None) -> Non
         scaler.update()
 
 
-def train_step(G, D, opt_d, opt_g, x_real, z, k, args, z_ref=None, hist=(None, None), scalers=(None, None)):
+def train_step(G, D, opt_d, opt_g, x_real, z, k, args, z_ref=None, hist=(None, None), scalers=(None, None),
+               g_loss=generator_loss):
     """One D update, then one G update on the same fakes scored by the updated D; hist and scalers: the (D, G)
     historical averages and fp16 GradScalers (None: off). Returns the step's scalars, on the device (no sync)."""
     (hist_d, hist_g), (scaler_d, scaler_g) = hist, scalers
@@ -267,7 +323,7 @@ def train_step(G, D, opt_d, opt_g, x_real, z, k, args, z_ref=None, hist=(None, N
         d_gen, feat_gen = D(fake)
         # ALGO LOGIC: feature matching against the updated D's features of the real batch (D frozen: no graph)
         feat_real = D(x_real)[1] if args.feature_matching else None
-        loss_g = generator_loss(d_gen, k, args.bottomk, feat_gen, feat_real)
+        loss_g = g_loss(d_gen, k, args.bottomk, feat_gen, feat_real)
         if hist_g is not None:  # ALGO LOGIC: historical averaging
             loss_g = loss_g + args.hist_avg * hist_g.penalty(G)
     optimise(opt_g, loss_g, scaler_g)
@@ -352,7 +408,10 @@ def main(argv=None):
 
     # ---- models, optimisers and the tricks' state; everything registered is in every checkpoint ----
     G, D = build_models(args, device)
-    adam = {"betas": (args.beta1, args.beta2), "fused": device.type == "cuda"}
+    if args.cuda_graph and device.type != "cuda":
+        print("note: --cuda-graph needs a CUDA device; running the eager step", file=sys.stderr)
+    graph = args.cuda_graph and device.type == "cuda"
+    adam = {"betas": (args.beta1, args.beta2), "fused": device.type == "cuda", "capturable": graph}
     opt_g = torch.optim.Adam(G.parameters(), lr=args.lr_g, **adam)
     opt_d = torch.optim.Adam(D.parameters(), lr=args.lr_d, **adam)
     scalers = [torch.amp.GradScaler("cuda") for _ in "DG"] if args.amp == "fp16" else [None, None]  # D's, G's
@@ -363,6 +422,7 @@ def main(argv=None):
     fixed_noise = torch.randn(args.grid_size, args.nz, generator=torch.Generator().manual_seed(args.seed)).to(device)
     z_ref = torch.randn(B, args.nz, generator=torch.Generator().manual_seed(args.seed + 1)).to(device)
     G_fwd, D_fwd = (torch.compile(G), torch.compile(D)) if args.compile else (G, D)
+    graph_step = CudaGraphStep(G, D, opt_d, opt_g, data, args, z_ref, memory_format) if graph else None
 
     # ---- FID reference: Inception statistics of the training set, before the run folder exists ----
     fid_ref = None
@@ -394,12 +454,16 @@ def main(argv=None):
             if args.check_host_sync:
                 common.check_host_sync(step >= sync_from)
             idx = perm[i * B:(i + 1) * B]
-            x_real = data[idx]
-            if flips is not None:
-                x_real = torch.where(flips[idx].view(-1, 1, 1, 1), x_real.flip(3), x_real)
-            x_real = x_real.float().mul_(2.0 / 255.0).sub_(1.0).contiguous(memory_format=memory_format)  # [-1, 1]
-            z = torch.randn(B, args.nz, device=device)
-            run.add(**train_step(G_fwd, D_fwd, opt_d, opt_g, x_real, z, k, args, z_ref, hist, scalers))
+            if graph_step is not None:  # the same step, replayed as one CUDA graph
+                out = graph_step(idx, k)
+            else:
+                x_real = data[idx]
+                if flips is not None:
+                    x_real = torch.where(flips[idx].view(-1, 1, 1, 1), x_real.flip(3), x_real)
+                x_real = x_real.float().mul_(2.0 / 255.0).sub_(1.0).contiguous(memory_format=memory_format)  # [-1, 1]
+                z = torch.randn(B, args.nz, device=device)
+                out = train_step(G_fwd, D_fwd, opt_d, opt_g, x_real, z, k, args, z_ref, hist, scalers)
+            run.add(**out)
             step += 1
             if args.check_host_sync:
                 common.check_host_sync(False)  # logging, evaluation and checkpoints read from the device

@@ -159,3 +159,27 @@ def test_fid_end_to_end_with_random_inception(tmp_path):
     assert all(math.isfinite(r["fid"]) and r["fid"] >= 0 and r["is_mean"] >= 1 for r in evals)
     summary = json.loads((run / "summary.json").read_text())
     assert summary["peak_memory_gb"] > 0 and summary["device"] != "cpu"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# dcgan --cuda-graph: the captured step against the eager one
+# ---------------------------------------------------------------------------------------------------------------
+def _weights(run):
+    state = torch.load(run / "checkpoints" / "last.pt", weights_only=True, map_location="cpu")
+    return {f"{m}.{n}": t for m in ("G", "D") for n, t in state[m].items()}
+
+
+def test_dcgan_cuda_graph_equals_eager_across_k_changes_and_resumes(tmp_path):
+    """24 graph steps (3 epochs, k 8 -> 4 -> 2: one graph, k a device scalar) give the eager run's weights to float
+    rounding; a graph run stopped at step 10 and resumed gives them too."""
+    common = ["--no-channels-last", "--torch-deterministic"]
+    run_cuda(DCGAN, tmp_path / "eager", *common)
+    run_cuda(DCGAN, tmp_path / "graph", *common, "--cuda-graph")
+    run_cuda(DCGAN, tmp_path / "cut", *common, "--cuda-graph", "--max-steps", "10")
+    cut = the_run(tmp_path / "cut")
+    run_cuda(DCGAN, tmp_path / "cut", *common, "--cuda-graph", "--resume", cut / "checkpoints" / "last.pt")
+    eager = _weights(the_run(tmp_path / "eager"))
+    for other in (the_run(tmp_path / "graph"), cut):
+        assert_finished_with_changing_k(other)
+        for name, value in _weights(other).items():
+            torch.testing.assert_close(value.float(), eager[name].float(), rtol=1e-3, atol=1e-4, msg=name)

@@ -306,3 +306,62 @@ def test_non_finite_loss_stops_naming_the_step(tmp_path):
         dc.main(["--dataset", "fake", "--fake-size", "16", "--batch-size", "8", "--ngf", "4", "--ndf", "4",
                  "--lr-d", "1e38", "--lr-g", "1e38", "--epochs", "20", "--no-fid", "--out-dir", str(out)])
     assert "last good checkpoint" in str(err.value)
+
+
+# ---- --cuda-graph: the rank-mask top-k and the graph's step function, on the CPU ----
+@pytest.mark.parametrize("bottomk", [False, True])
+@pytest.mark.parametrize("fm", [False, True])
+def test_the_rank_mask_loss_equals_the_index_loss_for_every_k(bottomk, fm):
+    torch.manual_seed(0)
+    B = 12
+    for k in range(1, B + 1):
+        d = torch.randn(B, requires_grad=True)
+        feat = torch.randn(B, 7, requires_grad=True)
+        real = torch.randn(B, 7)
+        args = (feat, real) if fm else ()
+        a = dc.generator_loss(d, k, bottomk, *args)
+        ga = torch.autograd.grad(a, [feat] if fm else [d])
+        b = dc.generator_loss_masked(d, torch.tensor(float(k)), bottomk, *args)
+        gb = torch.autograd.grad(b, [feat] if fm else [d])
+        torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(gb, ga, rtol=1e-6, atol=1e-7)
+
+
+def test_the_graph_step_run_eagerly_equals_the_default_step():
+    argv = ["--dataset", "fake", "--fake-size", "32", "--batch-size", "8", "--ngf", "4", "--ndf", "4", "--topk",
+            "--mu", "3", "--gamma", "0.5", "--feature-matching", "--minibatch-disc", "--mbd-kernels", "4",
+            "--mbd-dim", "2", "--no-channels-last"]
+    args = dc.parse_args(argv)
+    dc.validate_args(args)
+    data, _ = common.fake_images(32, (3, 32, 32), seed=1)
+    results = []
+    for graph in (False, True):
+        torch.manual_seed(1)
+        G, D = dc.build_models(args, torch.device("cpu"))
+        opt_g = torch.optim.Adam(G.parameters(), lr=args.lr_g, betas=(args.beta1, args.beta2))
+        opt_d = torch.optim.Adam(D.parameters(), lr=args.lr_d, betas=(args.beta1, args.beta2))
+        cg = dc.CudaGraphStep(G, D, opt_d, opt_g, data, args, None, torch.contiguous_format)
+        torch.manual_seed(2)
+        for i, k in enumerate((8, 8, 5, 3)):  # k changes as at epoch boundaries
+            idx = torch.arange(8) + 8 * (i % 4)
+            if graph:
+                cg.idx.copy_(idx)
+                cg.k.fill_(k)
+                cg.step()
+            else:
+                x = data[idx].float().mul_(2.0 / 255.0).sub_(1.0)
+                dc.train_step(G, D, opt_d, opt_g, x, torch.randn(8, args.nz), k, args)
+        results.append({**{f"G.{n}": t for n, t in G.state_dict().items()},
+                        **{f"D.{n}": t for n, t in D.state_dict().items()}})
+    for name, value in results[0].items():
+        torch.testing.assert_close(results[1][name], value, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_cuda_graph_refuses_what_it_cannot_capture_and_falls_back_on_the_cpu(tmp_path):
+    for flags in (["--compile"], ["--hist-avg", "0.1"], ["--hflip"]):
+        proc = run_script("dcgan_cifar_topk.py", "--cuda-graph", *flags, "--out-dir", tmp_path)
+        assert "--cuda-graph cannot be combined" in assert_one_line_error(proc)
+    proc = run_script("dcgan_cifar_topk.py", "--cuda-graph", "--dataset", "fake", "--fake-size", "32", "--batch-size",
+                      "8", "--ngf", "4", "--ndf", "4", "--no-fid", "--max-steps", "2", "--device", "cpu",
+                      "--out-dir", tmp_path, check=True)
+    assert proc.stderr.count("--cuda-graph needs a CUDA device; running the eager step") == 1
