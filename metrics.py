@@ -56,7 +56,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torchvision.models.inception import BasicConv2d, InceptionA, InceptionB, InceptionC, InceptionD, InceptionE
 
-from common import UserError
+from common import UserError, write_atomically
 
 FID_WEIGHTS_URL = ("https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/"
                    "pt_inception-2015-12-05-6726825d.pth")
@@ -598,15 +598,6 @@ def _load_stats(path: str) -> tuple[np.ndarray, np.ndarray]:
     return mu.astype(np.float64), sigma.astype(np.float64)
 
 
-def _save_stats(path: str, mu: np.ndarray, sigma: np.ndarray) -> None:
-    """Write mu/sigma as .npz via a temporary file and os.replace, so an interrupted run never leaves a torn cache."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.{os.getpid()}.tmp"
-    with open(tmp, "wb") as f:  # a file object stops np.savez from appending ".npz" to the name
-        np.savez(f, mu=mu, sigma=sigma)
-    os.replace(tmp, path)
-
-
 def reference_statistics(images_uint8, inception, cache_path: str | os.PathLike | None = None,
                          batch_size: int = 100, device=None) -> tuple[np.ndarray, np.ndarray]:
     """FID statistics of a real dataset, computed once and cached.
@@ -627,8 +618,9 @@ def reference_statistics(images_uint8, inception, cache_path: str | os.PathLike 
     device = _module_device(inception) if device is None else torch.device(device)
     mu, sigma, _ = _inception_pass(images.split(batch_size), inception, device, keep_logits=False)
     mu, sigma = mu.cpu().numpy(), sigma.cpu().numpy()
-    if cache_path is not None:
-        _save_stats(os.fspath(cache_path), mu, sigma)
+    if cache_path is not None:  # atomic, so an interrupted run never leaves a torn cache
+        os.makedirs(os.path.dirname(os.path.abspath(cache_path)), exist_ok=True)
+        write_atomically(cache_path, lambda f: np.savez(f, mu=mu, sigma=sigma))  # a file: no ".npz" appended
     return mu, sigma
 
 

@@ -27,6 +27,8 @@ One checkpoint: writes update_direction.json and update_direction.png into --out
 folder). Several: --out is required; writes <run>_it<step>.json/.png per checkpoint and summary.md (one row per
 checkpoint: mean cosine per distance bin, top-k / bottom-k, the paired p-value; then per bin in how many checkpoints
 the top-k step's mean cosine is above the bottom-k step's).
+A checkpoint of another script, flags of the wrong type, or an --out that cannot hold files: one `error:` line, exit
+status 2, nothing written.
 """
 
 from __future__ import annotations
@@ -34,7 +36,9 @@ from __future__ import annotations
 import argparse
 import copy
 import math
+import os
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -51,7 +55,7 @@ BIN_NAMES = ["0-1", "1-2", "2-3", "3-4", ">=4"]
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = common.ArgumentParser(description=__doc__.split("\n")[0], allow_abbrev=False)
     p.add_argument("--checkpoint", type=str, nargs="+", required=True,
                    help="one or more checkpoints written by mog_topk.py")
     p.add_argument("--batch-size", type=int, default=10000, help="fakes in the large batch")
@@ -75,19 +79,43 @@ def parse_args(argv=None):
     for path in args.checkpoint:
         if not Path(path).is_file():
             raise common.UserError(f"--checkpoint {path}: no such file")
+    if args.out is not None:
+        check_out(args.out)
     return args
 
 
-def load_models(state: dict):
-    """G and D of a mog_topk.py checkpoint, in float64, and the run's arguments as a namespace."""
+def check_out(out: str) -> None:
+    """Refuse an --out that is a file, lies below one, or whose nearest existing folder refuses writes."""
+    probe = Path(out).absolute()
+    while not probe.exists() and probe.parent != probe:
+        probe = probe.parent
+    if not probe.is_dir() or not os.access(probe, os.W_OK | os.X_OK):
+        why = "a file, not a folder" if not probe.is_dir() else "read-only or no permission"
+        raise common.UserError(f"--out {out}: cannot create folders in {probe} ({why})")
+
+
+# the entries of a mog_topk.py checkpoint's args that the analysis reads
+MOG_ARGS = ("latent_dim", "hidden_dim", "vbn", "minibatch_disc", "mbd_kernels", "mbd_dim", "n_modes", "grid_spacing",
+            "std", "exp_name", "seed", "topk", "lr_g")
+
+
+def load_models(state: dict, checkpoint: str):
+    """G and D of a mog_topk.py checkpoint, in float64, and the run's arguments as a namespace; a checkpoint of
+    another script (a dcgan one: other args, other weights) is a UserError."""
+    missing = [k for k in MOG_ARGS if k not in state["args"]]
+    if missing:
+        raise common.UserError(f"{checkpoint} is not a mog_topk.py checkpoint (its args lack {', '.join(missing[:4])})")
     a = argparse.Namespace(**{"hidden_layers": 3, **state["args"]})  # runs older than --hidden-layers had 3
-    G = mog_topk.Generator(a.latent_dim, a.hidden_dim, vbn=a.vbn, hidden_layers=a.hidden_layers)
-    D = mog_topk.Discriminator(a.hidden_dim, a.mbd_kernels if a.minibatch_disc else 0, a.mbd_dim,
-                               hidden_layers=a.hidden_layers)
-    if a.vbn:
-        G.z_ref = torch.zeros_like(state["G"]["z_ref"])
-    G.load_state_dict(state["G"])
-    D.load_state_dict(state["D"])
+    try:
+        G = mog_topk.Generator(a.latent_dim, a.hidden_dim, vbn=a.vbn, hidden_layers=a.hidden_layers)
+        D = mog_topk.Discriminator(a.hidden_dim, a.mbd_kernels if a.minibatch_disc else 0, a.mbd_dim,
+                                   hidden_layers=a.hidden_layers)
+        if a.vbn:
+            G.z_ref = torch.zeros_like(state["G"]["z_ref"])
+        G.load_state_dict(state["G"])
+        D.load_state_dict(state["D"])
+    except (RuntimeError, TypeError, ValueError, KeyError, AttributeError) as e:
+        raise common.UserError(f"{checkpoint}: its weights do not fit mog_topk.py's models ({common.describe(e)})") from None
     return G.double(), D.double().requires_grad_(False), a
 
 
@@ -175,7 +203,7 @@ def analyse(checkpoint: str, args, out: Path, stem: str) -> dict:
     for key in ("G", "D", "opt_g", "step"):
         if key not in state:
             raise common.UserError(f"{checkpoint} is not a mog_topk.py checkpoint (no {key!r})")
-    G, D, run_args = load_models(state)
+    G, D, run_args = load_models(state, checkpoint)
     if run_args.minibatch_disc and args.batch_size > 2048:
         raise common.UserError("with minibatch discrimination D compares every pair of the batch: use --batch-size <= 2048")
     centers = np.asarray(metrics.grid_centers(run_args.n_modes, run_args.grid_spacing), dtype=np.float64)
@@ -209,12 +237,22 @@ def analyse(checkpoint: str, args, out: Path, stem: str) -> dict:
     result["dist_sigma_counts"] = [int(((dist >= lo) & (dist < hi)).sum()) for lo, hi in zip(BIN_EDGES[:-1], BIN_EDGES[1:])]
     result["paired_p_all"] = paired_p(cos_of["topk"], cos_of["bottomk"])
 
-    out.mkdir(parents=True, exist_ok=True)
-    common.write_json(out / f"{stem}.json", result)
-    bar_chart(out / f"{stem}.png", result,
-              f"{run_args.n_modes} modes, iteration {state['step']}, batch {args.batch_size}, k {args.k}, "
-              f"{args.optimizer}")
+    with writing(out):
+        out.mkdir(parents=True, exist_ok=True)
+        common.write_json(out / f"{stem}.json", result)
+        bar_chart(out / f"{stem}.png", result,
+                  f"{run_args.n_modes} modes, iteration {state['step']}, batch {args.batch_size}, k {args.k}, "
+                  f"{args.optimizer}")
     return result
+
+
+@contextmanager
+def writing(out: Path):
+    """An OSError while writing into `out` becomes a UserError (one line)."""
+    try:
+        yield
+    except OSError as e:
+        raise common.UserError(f"cannot write into {out}: {e.strerror or common.describe(e)}") from None
 
 
 def paired_p(a: np.ndarray, b: np.ndarray) -> float | None:
@@ -282,7 +320,8 @@ def main(argv=None):
               f"wrote {out / (stem + '.json')}", flush=True)
     if len(results) > 1:
         text = summary_markdown(results)
-        (Path(args.out) / "summary.md").write_text(text)
+        with writing(Path(args.out)):
+            (Path(args.out) / "summary.md").write_text(text)
         print(text, end="")
     return results[0] if len(results) == 1 else results
 

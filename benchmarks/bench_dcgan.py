@@ -17,6 +17,8 @@ The two alternate for --rounds rounds in one invocation (this machine is shared,
 best round of each is reported, with every round printed. Both use batch --batch-size (128) and the same fake
 images. Projections assume 50,000 images per epoch and 500 epochs (the seed experiment: 1 h 30 on a 3080 Ti;
 the H100 target is <= 9 minutes), training only (FID evaluations add to it).
+A device that is not there, a size below 1, or a --json path that cannot be written (checked before anything runs):
+one `error:` line, exit status 2.
 """
 
 from __future__ import annotations
@@ -45,9 +47,9 @@ TARGET_H100_SECONDS = 9 * 60
 EPOCH_IMAGES, EPOCHS = 50_000, 500
 
 
-def parse_args():
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+def parse_args(argv=None):
+    p = common.ArgumentParser(description=__doc__.split("\n")[0], allow_abbrev=False,
+                              formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--device", type=str, default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--batch-size", type=int, default=128, help="images per step (the seed: 128)")
     p.add_argument("--steps", type=int, default=None, help="measured steps per round (default: 12 CPU, 400 CUDA)")
@@ -61,7 +63,27 @@ def parse_args():
     p.add_argument("--skip-reference", action=argparse.BooleanOptionalAction, default=False,
                    help="measure the fast path only")
     p.add_argument("--json", type=str, default=None, help="also write the results to this JSON file")
-    return p.parse_args()
+    args = p.parse_args(argv)
+    for flag in ("batch_size", "steps", "rounds"):
+        if getattr(args, flag) is not None and getattr(args, flag) < 1:
+            raise common.UserError(f"--{flag.replace('_', '-')} must be at least 1, got {getattr(args, flag)}")
+    if (args.warmup is not None and args.warmup < 0) or args.ref_workers < 0:
+        raise common.UserError("--warmup and --ref-workers must be >= 0")
+    if args.json is not None:
+        check_writable(args.json)
+    return args
+
+
+def check_writable(path: str) -> None:
+    """Refuse (UserError) a file path that cannot be written, before the benchmark runs: its folder must take a new
+    file (tried with a temporary one, as the final atomic write does) and the path must not be a folder."""
+    target = Path(path)
+    if target.is_dir():
+        raise common.UserError(f"--json {path} is a folder")
+    try:
+        tempfile.TemporaryFile(dir=target.parent).close()
+    except OSError as e:
+        raise common.UserError(f"--json {path}: cannot write in {target.parent}: {e.strerror or common.describe(e)}") from None
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -165,8 +187,8 @@ def fmt_time(seconds: float) -> str:
     return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
 
 
-def main():
-    args = parse_args()
+def main(argv=None):
+    args = parse_args(argv)
     device = common.pick_device(args.device)
     cuda = device.type == "cuda"
     args.steps = args.steps or (400 if cuda else 12)
@@ -220,8 +242,8 @@ def main():
         ok = fast_total <= TARGET_H100_SECONDS
         print(f"H100 target <= 9 minutes for 500 epochs: {'met' if ok else 'NOT met'} ({fmt_time(fast_total)})")
     if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
+        common.write_json(args.json, results)
 
 
 if __name__ == "__main__":
-    main()
+    common.run_cli(main)

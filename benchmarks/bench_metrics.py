@@ -12,6 +12,7 @@
 Example: python benchmarks/bench_metrics.py --repeats 3 --batch-size 100
 On a shared machine, compare single-threaded: OMP_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1 python benchmarks/bench_metrics.py
 (threaded BLAS/OpenMP slows down by orders of magnitude when the cores are oversubscribed).
+A device that is not there or a count below 1: one `error:` line, exit status 2.
 """
 
 import argparse
@@ -27,11 +28,13 @@ import scipy.linalg
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+import common  # noqa: E402
 import metrics  # noqa: E402
 
 
-def parse_args():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def parse_args(argv=None):
+    p = common.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                              allow_abbrev=False)
     p.add_argument("--dims", type=int, default=2048, help="feature dimension of the Fréchet-distance benchmark (default: %(default)s)")
     p.add_argument("--n-full", type=int, default=5000, help="samples behind a full-rank covariance (default: %(default)s)")
     p.add_argument("--n-deficient", type=int, default=1000, help="samples behind a rank-deficient covariance (default: %(default)s)")
@@ -44,7 +47,12 @@ def parse_args():
                    help="images timed, after one warm-up batch (default: 5000 on cuda, 32 on cpu)")
     p.add_argument("--image-size", type=int, default=32, help="input resolution (upsampled to 299 by the network) (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random data and weights (default: %(default)s)")
-    return p.parse_args()
+    args = p.parse_args(argv)
+    for flag in ("dims", "n_full", "n_deficient", "repeats", "batch_size", "n_images", "image_size"):
+        if getattr(args, flag, None) is not None and getattr(args, flag) < 1:
+            raise common.UserError(f"--{flag.replace('_', '-')} must be at least 1, got {getattr(args, flag)}")
+    args.device = common.pick_device(args.device)  # a CUDA device that is not there: refused here
+    return args
 
 
 def scipy_frechet(mu1, sigma1, mu2, sigma2, eps=1e-6):
@@ -102,8 +110,7 @@ def bench_frechet(args):
 
 
 def bench_inception(args):
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
-                          "cpu" if args.device == "auto" else args.device)
+    device = args.device
     batch = args.batch_size or (200 if device.type == "cuda" else 8)
     n_images = args.n_images or (5000 if device.type == "cuda" else 32)
     gen = torch.Generator().manual_seed(args.seed)
@@ -125,8 +132,8 @@ def bench_inception(args):
           f"{n_images / wall:.2f} images/s wall ({n_images} images in {wall:.1f} s; CPU time {cpu:.1f} s)")
 
 
-def main():
-    args = parse_args()
+def main(argv=None):
+    args = parse_args(argv)
     print(f"torch {torch.__version__}, numpy {np.__version__}, scipy {scipy.__version__}")
     if not args.skip_fid:
         bench_frechet(args)
@@ -135,4 +142,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    common.run_cli(main)

@@ -33,7 +33,8 @@ Usage:
     python benchmarks/bench_mog.py --threads 1 --steps 300 --repeats 5 [--topk] [--setup base]
     python benchmarks/bench_mog.py --kinds straightforward fast_step      # only the two loops of the target
 
-The figure the issue's target refers to is the line "ratio fast_step / straightforward".
+The figure the target refers to is the line "ratio fast_step / straightforward". A count below 1 (--steps,
+--repeats) or an unknown --kinds entry: one `error:` line, exit status 2.
 """
 
 from __future__ import annotations
@@ -50,12 +51,13 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import common  # noqa: E402
 import mog_topk  # noqa: E402
 import metrics  # noqa: E402
 
 
-def parse_args():
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def parse_args(argv=None):
+    p = common.ArgumentParser(description=__doc__.split("\n")[0], allow_abbrev=False)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--steps", type=int, default=300, help="timed iterations per repeat and loop")
     p.add_argument("--warmup", type=int, default=30, help="untimed iterations before each timed block")
@@ -70,7 +72,11 @@ def parse_args():
                    help="first check that both loops give the same weights after a few steps")
     p.add_argument("--worker", choices=KINDS, default=None,
                    help=argparse.SUPPRESS)  # internal: time one loop in this process
-    return p.parse_args()
+    args = p.parse_args(argv)
+    if args.steps < 1 or args.repeats < 1 or args.warmup < 0 or args.threads < 0:
+        raise common.UserError(f"--steps and --repeats must be at least 1, --warmup and --threads >= 0 (got --steps "
+                               f"{args.steps}, --repeats {args.repeats}, --warmup {args.warmup}, --threads {args.threads})")
+    return args
 
 
 def straightforward_step(G, D, opt_g, opt_d, real, z_d, z_g, k, largest=True):
@@ -219,8 +225,8 @@ def worker(args, k):
     print(args.steps / (time.perf_counter() - t0))
 
 
-def main():
-    args = parse_args()
+def main(argv=None):
+    args = parse_args(argv)
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     k = max(1, int(B * mog_topk.SETUPS[args.setup]["mu_fraction"])) if args.topk else B
@@ -267,4 +273,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    common.run_cli(main)

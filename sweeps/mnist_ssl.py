@@ -12,7 +12,11 @@ script's parser before anything starts; logs in <out-dir>/sweep/logs/; a failed 
 (exit status 1). `--device X` after `--` picks where the runs go (cpu, cuda = cuda:0, cuda:N; auto or none: cuda:0
 when torch sees a GPU, else cpu); `--devices cuda:0 cuda:1 ...` spreads them over several GPUs instead. Each run gets
 `--cores` // `--jobs` threads. The table groups every finished run folder in --out-dir by label count and method
-from its args.json, also runs started by hand.
+from its args.json, also runs started by hand; run folders whose args.json or summary.json cannot be read (or lack
+what the table shows) are left out and listed below it. A user mistake (a bad flag value, an unwritable --out-dir,
+arguments after -- that set what names a run: --num-labels, --seed-data, --supervised-only) is one `error:` line and
+exit status 2; the engine's exit statuses otherwise (1 a run failed, 3 a run was busy in another sweep, 130
+interrupted).
 
 Examples
     # full MNIST, the paper's table (GPU):
@@ -32,8 +36,6 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import json
-import os
 import statistics
 import subprocess
 import sys
@@ -44,11 +46,14 @@ SCRIPT = REPO / "improved_gan_mnist.py"
 _spec = importlib.util.spec_from_file_location("sweep_runner", Path(__file__).resolve().parent / "run.py")
 engine = sys.modules[_spec.name] = importlib.util.module_from_spec(_spec)  # sweeps/run.py, the engine of the runs
 _spec.loader.exec_module(engine)
+common, UserError = engine.common, engine.UserError
+# improved_gan_mnist.py flags that make a run what its name says (mnist_{ssl|sup}_{N}): the preset sets them
+RUN_FLAGS = ("--num-labels", "--seed-data", "--supervised-only", "--no-supervised-only")
 
 
-def parse_args():
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+def parse_args(argv=None):
+    p = common.ArgumentParser(description=__doc__.split("\n\n")[0],
+                              formatter_class=argparse.ArgumentDefaultsHelpFormatter, allow_abbrev=False)
     p.add_argument("--num-labels", type=int, nargs="+", default=[20, 50, 100, 200], help="label counts")
     p.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3], help="seeds (used as --seed and --seed-data)")
     p.add_argument("--baseline", action=argparse.BooleanOptionalAction, default=False,
@@ -56,8 +61,9 @@ def parse_args():
     p.add_argument("--tag", type=str, default="", help="suffix of the runs' --exp-name (e.g. topk), so that variants "
                    "sharing an --out-dir are told apart when finished runs are skipped")
     p.add_argument("--jobs", type=int, default=1, help="runs at a time")
-    p.add_argument("--cores", type=int, default=len(os.sched_getaffinity(0)),
-                   help="CPU cores shared by the runs: each gets max(1, cores // jobs) threads")
+    p.add_argument("--cores", type=int, default=engine.available_cores(),
+                   help="CPU cores shared by the runs: each gets max(1, cores // jobs) threads (at most the cores "
+                        "this process may use)")
     p.add_argument("--devices", nargs="+", default=None, metavar="DEVICE",
                    help="cpu, or cuda:0 cuda:1 ...: each run gets the least busy of these GPUs (default: from --device "
                         "after --, else cuda:0 when torch sees a GPU, else cpu)")
@@ -68,13 +74,18 @@ def parse_args():
                    help="tabulate the test errors logged at this epoch (finished or running runs) instead of the final ones")
     p.add_argument("--table-only", action=argparse.BooleanOptionalAction, default=False,
                    help="run nothing, tabulate the finished runs in --out-dir")
-    args, extra = p.parse_known_args()
+    args, extra = p.parse_known_args(argv)
     if extra and extra[0] == "--":
         extra = extra[1:]
     elif extra:
-        p.error(f"unknown arguments {extra}: put arguments for the runs after --")
+        raise UserError(f"unknown arguments {' '.join(extra)}: put arguments for the runs after --")
     if args.jobs < 1 or args.cores < 1:
-        p.error("--jobs and --cores must be at least 1")
+        raise UserError("--jobs and --cores must be at least 1")
+    if len(set(args.seeds)) != len(args.seeds):
+        raise UserError(f"--seeds: a seed given twice in {' '.join(map(str, args.seeds))}")
+    engine.check_flags("arguments after --", extra, RUN_FLAGS, "names the run, so the preset sets it (use "
+                       "--num-labels, --seeds, --baseline)")
+    engine.check_out_dir(args.out_dir)
     return args, extra
 
 
@@ -96,37 +107,53 @@ def engine_devices(devices: list[str] | None, device: str | None) -> list[str]:
     """run.py's device list: --devices as given, else the --device after -- (cpu, cuda, cuda:N, auto)."""
     if devices is not None:
         if device is not None:
-            engine.fail("give either --devices or --device after --, not both")
+            raise UserError("give either --devices or --device after --, not both")
         return devices
     if device in ("cpu", "cuda") or (device or "").startswith("cuda:"):
         return ["cuda:0"] if device == "cuda" else [device]
     if device not in (None, "auto"):
-        engine.fail(f"--device {device!r}: use auto, cpu, cuda or cuda:N")
+        raise UserError(f"--device {device!r}: use auto, cpu, cuda or cuda:N")
     # auto, as the script's own default: a GPU when torch sees one (asked in a subprocess: this process stays light)
     probe = subprocess.run([sys.executable, "-c", "import torch; print(torch.cuda.device_count())"],
                            capture_output=True, text=True)
     return ["cuda:0"] if probe.returncode == 0 and probe.stdout.strip() not in ("", "0") else ["cpu"]
 
 
-def finished_runs(out_dir: Path) -> list[tuple[dict, dict]]:
-    """(args.json, summary.json) of every finished run folder in out_dir."""
+ARGS_KEYS, RESULT_KEYS = ("num_labels", "seed"), ("test_err_ema", "test_err_ema_pct", "test_err_raw")
+
+
+def usable(a: dict | None, s: dict | None) -> bool:
+    """Whether args.json `a` and a summary-shaped record `s` hold what the table shows."""
+    return a is not None and s is not None and isinstance(a.get("exp_name"), str) \
+        and all(type(a.get(k)) is int for k in ARGS_KEYS) and all(engine.number(s, k) is not None for k in RESULT_KEYS)
+
+
+def finished_runs(out_dir: Path, skipped: list) -> list[tuple[dict, dict]]:
+    """(args.json, summary.json) of every finished run folder in out_dir; the names of folders with a summary.json
+    that cannot be used go to `skipped`."""
     runs = []
     for summary in sorted(out_dir.glob("*/summary.json")):
-        runs.append((json.loads((summary.parent / "args.json").read_text()), json.loads(summary.read_text())))
+        a, s = engine.read_json(summary.parent / "args.json"), engine.read_json(summary)
+        if usable(a, s) and engine.number(s, "n_test") is not None and engine.number(s, "epochs_done") is not None:
+            runs.append((a, dict(s, seed=a["seed"])))
+        else:
+            skipped.append(summary.parent.name)
     return runs
 
 
-def runs_at_epoch(out_dir: Path, epoch: int) -> list[tuple[dict, dict]]:
+def runs_at_epoch(out_dir: Path, epoch: int, skipped: list) -> list[tuple[dict, dict]]:
     """(args.json, the metrics.jsonl evaluation record of `epoch`) of every run folder that has evaluated it,
-    finished or not, shaped like a summary (epochs_done = epoch)."""
+    finished or not, shaped like a summary (epochs_done = epoch); folders whose args.json cannot be used go to
+    `skipped`."""
     runs = []
     for metrics in sorted(out_dir.glob("*/metrics.jsonl")):
-        a = json.loads((metrics.parent / "args.json").read_text())
-        for line in metrics.read_text().splitlines():
-            r = json.loads(line) if line.strip() else {}
-            if r.get("epoch") == epoch and "test_err_ema" in r:
+        a = engine.read_json(metrics.parent / "args.json")
+        for r in engine.read_jsonl(metrics):
+            if r.get("epoch") == epoch and usable(a, r):
                 n_test = round(100.0 * r["test_err_ema"] / r["test_err_ema_pct"]) if r["test_err_ema_pct"] else None
                 runs.append((a, dict(r, seed=a["seed"], n_test=n_test, epochs_done=epoch)))
+            elif r.get("epoch") == epoch and "test_err_ema" in r:
+                skipped.append(metrics.parent.name)
     return runs
 
 
@@ -139,7 +166,8 @@ def run_all(args, extra) -> int:
     out_dir = Path(args.out_dir)
     device, extra = split_device(extra)
     jobs = [(out_dir, exp_name(n, supervised, args.tag), seed,
-             ["--num-labels", str(n), "--seed-data", str(seed), *(["--supervised-only"] if supervised else []), *extra])
+             ["--num-labels", str(n), "--seed-data", str(seed), *(["--supervised-only"] if supervised else []), *extra],
+             {"num_labels": n, "seed_data": seed, "supervised_only": supervised})  # abbreviations in extra cannot win
             for n in args.num_labels for supervised in ([False, True] if args.baseline else [False])
             for seed in args.seeds]
     return engine.run_jobs(jobs, SCRIPT, out_dir, workers=args.jobs, cores=args.cores,
@@ -154,13 +182,14 @@ def fmt(values: list[float], digits: int) -> str:
 
 def table(out_dir: Path, at_epoch: int | None = None) -> str:
     groups: dict[tuple, list[dict]] = {}
-    for a, s in (finished_runs(out_dir) if at_epoch is None else runs_at_epoch(out_dir, at_epoch)):
-        method = "supervised-only" if a["supervised_only"] else ("SSL + top-k" if a.get("topk") else "SSL (K+1 GAN)")
+    skipped = []
+    for a, s in (finished_runs(out_dir, skipped) if at_epoch is None else runs_at_epoch(out_dir, at_epoch, skipped)):
+        method = "supervised-only" if a.get("supervised_only") else ("SSL + top-k" if a.get("topk") else "SSL (K+1 GAN)")
         groups.setdefault((a["num_labels"], method, a["exp_name"], s["n_test"], s["epochs_done"]), []).append(s)
     lines = ["| labels | method | runs (--exp-name) | epochs | seeds | test errors (EMA D), per seed | EMA D: errors mean ± std | EMA D: % | "
              "raw D: errors mean ± std |",
              "|---:|---|---|---:|---|---|---:|---:|---:|"]
-    for (n, method, name, n_test, epochs), runs in sorted(groups.items()):
+    for (n, method, name, n_test, epochs), runs in sorted(groups.items(), key=lambda g: (*g[0][:3], g[0][3] or -1, g[0][4])):
         runs.sort(key=lambda s: s["seed"])
         ema = [s["test_err_ema"] for s in runs]
         lines.append(f"| {n} | {method} | {name} | {epochs} | {', '.join(str(s['seed']) for s in runs)} | "
@@ -168,11 +197,13 @@ def table(out_dir: Path, at_epoch: int | None = None) -> str:
                      f"{fmt([s['test_err_ema_pct'] for s in runs], 2)} | {fmt([s['test_err_raw'] for s in runs], 1)} / {n_test} |")
     lines.append("")
     lines.append("std: sample standard deviation over seeds (n - 1); seed = --seed = --seed-data.")
+    if skipped:
+        lines.append(f"Left out, run files unreadable or incomplete: {', '.join(sorted(set(skipped)))}.")
     return "\n".join(lines)
 
 
-def main():
-    args, extra = parse_args()
+def main(argv=None):
+    args, extra = parse_args(argv)
     status = 0
     if not args.table_only:
         status = run_all(args, extra)
@@ -183,4 +214,4 @@ def main():
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    common.run_cli(lambda: sys.exit(main()))

@@ -16,7 +16,12 @@ Cell (modes, variant, seed) is `mog_topk.py --n-modes M --iterations I <variant 
     starts. Logs and the journal: <folder>/sweep/logs/, <folder>/sweep/runs.jsonl. A failed cell is reported, the
     others go on, and the exit status is 1. The table counts a run when its summary.json has step == --iterations.
   * `--report-only` only builds the table from the run folders already in `--out-dir`; `--dry-run` prints the
-    command of every cell that would start (with --resume where it continues) and runs nothing.
+    command of every cell that would start (with --resume where it continues) and runs nothing. A run folder counts
+    by its args.json (exp_name, seed, script), not its name; one whose summary.json cannot be read, or lacks a
+    metric, is unfinished.
+  * A user mistake (a bad flag value, an unwritable --out-dir, `--extra` flags that set what names a cell:
+    --n-modes, --iterations, --topk, --bottomk, --setup) is one `error:` line and exit status 2; the engine's exit
+    statuses otherwise (1 a cell failed, 3 a cell was busy in another sweep, 130 interrupted).
 
 Variants: gan (plain), topk (--topk), bottomk (--topk --bottomk: the analysis control of Figure 2).
 
@@ -43,9 +48,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import json
 import math
-import os
 import statistics
 import sys
 from pathlib import Path
@@ -54,6 +57,7 @@ REPO = Path(__file__).resolve().parents[1]
 _spec = importlib.util.spec_from_file_location("sweep_runner", Path(__file__).resolve().parent / "run.py")
 engine = sys.modules[_spec.name] = importlib.util.module_from_spec(_spec)  # sweeps/run.py, the engine of the runs
 _spec.loader.exec_module(engine)
+common, UserError = engine.common, engine.UserError
 
 # Table 1 of the paper (50k iterations): % high-quality samples and % modes recovered.
 PAPER = {
@@ -79,8 +83,8 @@ CONFIGS = {
 SAME_GAN_RUN = {"slowk": "base"}
 
 
-def parse_args():
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def parse_args(argv=None):
+    p = common.ArgumentParser(description=__doc__.split("\n")[0], allow_abbrev=False)
     p.add_argument("--modes", type=int, nargs="+", default=[25, 64, 100], help="numbers of Gaussians")
     p.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3], help="seeds (outer loop of the work order)")
     p.add_argument("--variants", nargs="+", default=["gan", "topk"], choices=sorted(VARIANT_FLAGS),
@@ -95,7 +99,8 @@ def parse_args():
                    help="keep every --save-every checkpoint of each run (the Figure 2 analysis reads them)")
     p.add_argument("--iterations", type=int, default=50000, help="iterations per run")
     p.add_argument("--jobs", type=int, default=1, help="runs at a time")
-    p.add_argument("--cores", type=int, default=os.cpu_count() or 1, help="CPU cores shared by the jobs")
+    p.add_argument("--cores", type=int, default=engine.available_cores(),
+                   help="CPU cores shared by the jobs (at most the cores this process may use)")
     p.add_argument("--out-dir", type=str, default="runs/table1", help="parent folder of the run folders and table1.md")
     p.add_argument("--report-only", action=argparse.BooleanOptionalAction, default=False,
                    help="only build the table from existing run folders")
@@ -103,16 +108,23 @@ def parse_args():
                    help="print the command of every cell that would start (and which are finished), run nothing")
     p.add_argument("--extra", nargs=argparse.REMAINDER, default=[],
                    help="further flags passed to every mog_topk.py run (put last)")
-    args = p.parse_args()
+    args = p.parse_args(argv)
     if args.jobs < 1 or args.iterations < 1 or args.cores < 1:
-        p.error("--jobs, --iterations and --cores must be positive")
+        raise UserError("--jobs, --iterations and --cores must be positive")
     if args.config is not None and args.config not in CONFIGS and args.config != "chosen":
-        p.error(f"--config must be one of {', '.join(CONFIGS)}, chosen; got {args.config!r}")
+        raise UserError(f"--config must be one of {', '.join(CONFIGS)}, chosen; got {args.config!r}")
     if args.study and args.config is not None:
-        p.error("--study runs every config: drop --config")
+        raise UserError("--study runs every config: drop --config")
     if len(set(args.seeds)) != len(args.seeds):
-        p.error(f"--seeds given twice: {args.seeds}")
+        raise UserError(f"--seeds: a seed given twice in {' '.join(map(str, args.seeds))}")
+    engine.check_flags("--extra", args.extra, CELL_FLAGS, "names the cell, so the preset sets it (use --modes, "
+                       "--iterations, --variants, --config)")
+    engine.check_out_dir(args.out_dir)
     return args
+
+
+# mog_topk.py flags that make a cell what its name says (mog{M}_{variant}, the config's folder): not in --extra
+CELL_FLAGS = ("--n-modes", "--iterations", "--topk", "--no-topk", "--bottomk", "--no-bottomk", "--setup")
 
 
 def exp_name(modes: int, variant: str) -> str:
@@ -137,15 +149,27 @@ def cell_folder(out_root: Path, config: str | None, variant: str) -> Path:
 
 
 def find_runs(folder: Path, modes: int, variant: str, seed: int) -> list[Path]:
-    """Run folders of one cell (normally one), newest last."""
-    return sorted(folder.glob(f"{exp_name(modes, variant)}__{seed}__*"))
+    """Run folders of one cell (normally one), newest first: those whose args.json records its exp_name, seed and
+    mog_topk.py (sweeps/run.py's run_folders)."""
+    return [path for path, a in engine.run_folders(folder, exp_name(modes, variant), seed, "mog_topk") if a]
+
+
+SUMMARY_KEYS = ("high_quality", "modes_recovered", "reverse_kl", "it_per_s", "seed", "step")
+
+
+def summary_of(run: Path, iterations: int) -> dict | None:
+    """The run's summary.json when it is readable, has every number the tables use and step == iterations."""
+    s = engine.read_json(run / "summary.json")
+    if s is None or any(engine.number(s, k) is None for k in SUMMARY_KEYS) or s["step"] != iterations \
+            or not s["it_per_s"] > 0:
+        return None
+    return s
 
 
 def cell_state(folder: Path, modes: int, variant: str, seed: int, iterations: int):
     """('done', folder) | ('resume', last.pt) | ('new', None)."""
-    for run in reversed(find_runs(folder, modes, variant, seed)):
-        summary = run / "summary.json"
-        if summary.is_file() and json.loads(summary.read_text()).get("step") == iterations:
+    for run in find_runs(folder, modes, variant, seed):
+        if summary_of(run, iterations) is not None:
             return "done", run
         last = run / "checkpoints" / "last.pt"
         if last.is_file():
@@ -154,10 +178,13 @@ def cell_state(folder: Path, modes: int, variant: str, seed: int, iterations: in
 
 
 def cell_jobs(out_root: Path, work, args) -> list[tuple]:
-    """run.py jobs (out_dir, exp_name, seed, flags) of [(config, modes, variant, seed)], in order."""
+    """run.py jobs (out_dir, exp_name, seed, flags, expected values) of [(config, modes, variant, seed)], in order;
+    the expected values are what names the cell, so an abbreviation in --extra cannot change them."""
     return [(cell_folder(out_root, config, variant), exp_name(modes, variant), seed,
              ["--n-modes", str(modes), "--iterations", str(args.iterations), *VARIANT_FLAGS[variant],
-              *config_flags(config, variant), *(["--keep-checkpoints"] if args.keep_checkpoints else []), *args.extra])
+              *config_flags(config, variant), *(["--keep-checkpoints"] if args.keep_checkpoints else []), *args.extra],
+             {"n_modes": modes, "iterations": args.iterations, "topk": variant != "gan", "bottomk": variant == "bottomk",
+              **({"setup": config_flags(config, variant)[1]} if config else {})})
             for config, modes, variant, seed in work]
 
 
@@ -167,7 +194,7 @@ def finished(out_root: Path, config: str | None, modes: int, variant: str, seeds
     for seed in seeds:
         state, run = cell_state(cell_folder(out_root, config, variant), modes, variant, seed, iterations)
         if state == "done":
-            rows.append(json.loads((run / "summary.json").read_text()))
+            rows.append(summary_of(run, iterations))
     return rows
 
 
@@ -180,10 +207,9 @@ def in_progress(out_root: Path, config, modes_list, variants, seeds, iterations)
                 folder = cell_folder(out_root, config, variant)
                 if cell_state(folder, modes, variant, seed, iterations)[0] == "done":
                     continue
-                for run in reversed(find_runs(folder, modes, variant, seed)):
-                    path = run / "metrics.jsonl"
-                    records = [json.loads(l) for l in path.read_text().splitlines() if l.strip()] if path.is_file() else []
-                    evals = [r for r in records if "eval/high_quality" in r and r["step"] > 0]
+                for run in find_runs(folder, modes, variant, seed):
+                    evals = [r for r in engine.read_jsonl(run / "metrics.jsonl") if (engine.number(r, "step") or 0) > 0
+                             and all(engine.number(r, f"eval/{k}") is not None for k, *_ in METRICS)]
                     if evals:
                         rows.append((modes, variant, seed, evals[-1]))
                         break
@@ -246,8 +272,9 @@ def report(out_root: Path, config, modes_list, variants, seeds, iterations) -> s
         lines += [f"| {m} | {v} | {s} | {r['step']} | {100 * r['eval/high_quality']:.1f} "
                   f"| {100 * r['eval/modes_recovered']:.1f} | {r['eval/reverse_kl']:.3f} |" for m, v, s, r in partial]
     text = "\n".join(lines) + "\n"
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "table1.md").write_text(text)
+    with engine.os_errors(f"cannot write {folder / 'table1.md'}"):
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "table1.md").write_text(text)
     return text
 
 
@@ -403,9 +430,10 @@ def study_report(out_root: Path, seeds, iterations) -> str:
     summary = across_configs({c: versus_numbers(metric_rows[c, "topk"], metric_rows[c, "gan"]) for c in CONFIGS})
     lines += [""] + summary if summary else []
     text = "\n".join(lines) + "\n"
-    out_root.mkdir(parents=True, exist_ok=True)
-    (out_root / "study.md").write_text(text)
-    study_plot(out_root, seeds, iterations, out_root / "study.png")
+    with engine.os_errors(f"cannot write {out_root / 'study.md'}"):
+        out_root.mkdir(parents=True, exist_ok=True)
+        (out_root / "study.md").write_text(text)
+        study_plot(out_root, seeds, iterations, out_root / "study.png")
     return text
 
 
@@ -512,8 +540,8 @@ def run_all(work, out_root: Path, args, after_each) -> int:
                            on_end=lambda run, status: after_each())
 
 
-def main():
-    args = parse_args()
+def main(argv=None):
+    args = parse_args(argv)
     out_root = Path(args.out_dir).resolve()
     if args.study:
         # GAN cells of every config first (seed-major): they alone decide the setup; then the top-k cells
@@ -531,9 +559,8 @@ def main():
         config, distances = decide(out_root, args.seeds, args.iterations)
         if config is None:
             missing = ", ".join(c for c, d in distances.items() if d is None)
-            print(f"error: --config chosen: the study's GAN cells are not all finished in {out_root} (missing: "
-                  f"{missing}); run --study first", file=sys.stderr)
-            sys.exit(2)
+            raise UserError(f"--config chosen: the study's GAN cells are not all finished in {out_root} (missing: "
+                            f"{missing}); run --study first")
         print(f"config chosen by the study's decision rule: {config}", flush=True)
     status = 0
     if not args.report_only:
@@ -548,4 +575,4 @@ def main():
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    common.run_cli(lambda: sys.exit(main()))

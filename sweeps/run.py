@@ -7,31 +7,50 @@ Each (variant, seed) is one run: `python <script> <flags after --> <variant flag
 A variant is NAME=FLAGS (FLAGS split like a shell line); `{seed}` in its flags becomes the run's seed.
 
   * Validation first: the script is imported in a subprocess and its own parse_args(argv) (plus validate_args /
-    check_args when it has them) is called on every run's flags. Any refusal, an unknown script, a device that does
-    not exist or a seed given twice: one `error:` line on stderr, exit status 2, nothing started or written.
-  * Idempotent: a run's state comes from its run folders (newest first): summary.json -> finished, skipped;
-    checkpoints/last.pt -> interrupted, continued with `--resume <last.pt>`; neither -> started from scratch.
+    check_args when it has them) is called on every run's flags; the values it resolves for the flags the runner
+    sets (seed, out-dir, exp-name, device, no resume) must be the runner's, so an abbreviation (`--resum X`) cannot
+    slip one in. Any refusal, an unknown script, a device that does not exist, a seed given twice, an --out-dir that
+    cannot hold folders: one `error:` line on stderr, exit status 2, nothing started or written.
+  * Idempotent: a run's folders are those whose args.json records its script, exp_name and seed (newest first):
+    a readable summary.json -> finished, skipped; checkpoints/last.pt -> interrupted, continued with `--resume
+    <last.pt>`; neither -> started from scratch. A run folder made with other flags than the sweep asks for, or
+    one with a checkpoint or summary but no readable args.json, is an error.
     While a run runs, the runner and the run hold an flock(2) lock on `<out-dir>/sweep/locks/<variant>__<seed>.lock`
     (inherited by the run, so it stays held if the runner is killed): two sweeps on one folder never run the same
-    run; the second reports it as busy. A run folder made with other flags than the sweep asks for is an error.
+    run; the second reports it as busy.
   * Local: `--workers` runs at a time, seed-major order (every variant of seed 1 first, so a sweep cut short is a
     complete table with fewer seeds). `--devices cuda:0 cuda:1 ...`: each run gets the device with the fewest
     running jobs (round robin) through CUDA_VISIBLE_DEVICES and `--device cuda`; on CPU each run gets
-    cores // workers threads (OMP_NUM_THREADS, MKL_NUM_THREADS and the script's --threads when it has one).
-    A failed run is reported with its exit status and last stderr line; the others go on (exit status 1 at the end).
+    cores // workers threads (OMP_NUM_THREADS, MKL_NUM_THREADS and the script's --threads when it has one; --cores
+    is capped at the cores this process may use). A failed run is reported with its exit status and last stderr
+    line; the others go on.
+  * Ctrl-C: the runs are in the runner's process group, so the terminal's Ctrl-C reaches them too and each saves a
+    checkpoint at its next step boundary and exits; the runner starts nothing more, waits for them, records their
+    ends in runs.jsonl (status interrupted, last_pt: the checkpoint the same command continues from, or null) and
+    says which runs continue and which start again. A second Ctrl-C stops the runs without saving (theirs to
+    handle); the runner still waits and records. SIGTERM to the runner is passed on to the runs as SIGINT, once.
+    A SIGINT sent to the runner alone (kill -INT <pid>) lets the running runs finish.
+  * Exit status: 0 every run finished or skipped; 1 a run failed; 2 a user mistake, or a file system that refused a
+    write of the runner (one `error:` line; running runs are stopped as by Ctrl-C first); 3 nothing failed but a
+    run was busy in another sweep (run the command again when that one has ended); 130 interrupted.
   * `--slurm`: writes `<out-dir>/sweep/<job-name>.sbatch`, one array task per run (resources as flags, requeued
     tasks continue from last.pt) and prints the sbatch line. Index i runs exactly the command the local mode would
     run for run i with the same device kind and threads; `SWEEP_DRY_RUN=1 SLURM_ARRAY_TASK_ID=i bash <file>`
-    prints it (NUL-separated) instead of running it.
+    prints it (NUL-separated) instead of running it. Every value in the file is shell-quoted; #SBATCH values with
+    control characters or backslashes (which sbatch cannot take literally) are refused; --slurm-setup is the
+    user's shell code, run with eval.
   * `--report`: from the run folders alone, `<out-dir>/report.md` (a table of the script's headline metrics per
     variant: mean +- sample std and per-seed values), report.json (the same numbers, unrounded) and PNG plots of a
-    metric over training (mean line, band of +-1 std over seeds), drawn with Pillow.
+    metric over training (mean line, band of +-1 std over seeds), drawn with Pillow. Run folders whose args.json is
+    unreadable are skipped and listed; one with an unreadable summary.json counts as unfinished.
   * Presets (sweeps/mog_table1.py, sweeps/mnist_ssl.py) import this file and call run_jobs() with their own list of
-    (out_dir, exp_name, seed, flags): the same engine, each run's sweep files in its own <out_dir>/sweep/.
+    (out_dir, exp_name, seed, flags[, expected values]): the same engine, each run's sweep files in its own
+    <out_dir>/sweep/.
 
 Files of the sweep itself: `<out-dir>/sweep/` (locks/, logs/<variant>__<seed>.out|.err, runs.jsonl with the exact
-command, device, start/end and exit status of every run, validated.json: flag lists the script accepted, keyed by
-the content of the script's folder, so an unchanged sweep does not import the script again).
+command, device, start/end and exit status of every run (the start record is written before the run starts),
+validated.json: flag lists the script accepted, keyed by the content of the script's folder, so an unchanged sweep
+does not import the script again).
 
 Examples
     # DCGAN vs DCGAN + top-k on CIFAR-10, seeds 1-3, one GPU per run on a 2-GPU box; then FID curves:
@@ -51,6 +70,7 @@ from __future__ import annotations
 import argparse
 import fcntl
 import hashlib
+import inspect
 import json
 import math
 import os
@@ -63,10 +83,14 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+import common  # noqa: E402  (the scripts' one-line errors: UserError, run_cli, ArgumentParser)
+from common import UserError  # noqa: E402
 
 # Flags the runner sets for every run; variants and the flags after -- must not set them.
 RUNNER_FLAGS = ("--seed", "--out-dir", "--exp-name", "--device", "--resume")
@@ -101,12 +125,45 @@ CURVES = {
 NAME_RE = r"[A-Za-z0-9][A-Za-z0-9.+-]*(_[A-Za-z0-9.+-]+)*"
 COLORS = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75),
           (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207)]
+PLOT_SIZES = (200, 4000)  # smallest and largest plot side in pixels
+EXIT_BUSY = 3  # nothing failed, but a run was busy in another sweep
 
 
-def fail(message: str, status: int = 2):
-    """A user mistake: one `error:` line on stderr, exit status 2."""
-    print(f"error: {message}", file=sys.stderr, flush=True)
-    sys.exit(status)
+@contextmanager
+def os_errors(what: str):
+    """An OSError in the block (a file system that refuses, a missing program) becomes a UserError: one line."""
+    try:
+        yield
+    except OSError as e:
+        where = f" ({e.filename})" if e.filename and str(e.filename) not in what else ""
+        raise UserError(f"{what}: {e.strerror or common.describe(e)}{where}") from None
+
+
+def available_cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def cap_cores(flag: str, cores: int) -> int:
+    """`cores`, refused below 1 and capped (with a warning) at the cores this process may use."""
+    if cores < 1:
+        raise UserError(f"{flag} must be at least 1, got {cores}")
+    if cores > available_cores():
+        print(f"warning: {flag} {cores} is more than the {available_cores()} core(s) this process may use: using "
+              f"{available_cores()}", file=sys.stderr, flush=True)
+    return min(cores, available_cores())
+
+
+def check_out_dir(out_dir: str, flag: str = "--out-dir") -> None:
+    """Refuse an out-dir that is a file or lies below one, or whose nearest existing folder refuses writes (what
+    access(2) can tell; a refused mkdir later is one line too)."""
+    probe = Path(out_dir).absolute()
+    with os_errors(f"{flag} {out_dir}"):
+        while not probe.exists() and probe.parent != probe:
+            probe = probe.parent
+        if not probe.is_dir():
+            raise UserError(f"{flag} {out_dir}: {probe} is a file, not a folder")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise UserError(f"{flag} {out_dir}: cannot create folders in {probe} (read-only or no permission)")
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
@@ -116,14 +173,9 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefau
         return action.help if action.default in (None, False) or action.default == [] else super()._get_help_string(action)
 
 
-class Parser(argparse.ArgumentParser):
-    def error(self, message):  # argparse's own complaints: one line too, no usage block
-        fail(message)
-
-
 def parse_args(argv=None):
-    p = Parser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter,
-               epilog=__doc__.split("\n\n", 1)[1])
+    p = common.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter,
+                              epilog=__doc__.split("\n\n", 1)[1], allow_abbrev=False)
     p.add_argument("--script", type=str, default=None,
                    help="experiment script to run, e.g. dcgan_cifar_topk.py (a path, or a name in the repository root)")
     p.add_argument("--variants", nargs="+", default=None, metavar="NAME=FLAGS",
@@ -135,8 +187,9 @@ def parse_args(argv=None):
     p.add_argument("--workers", type=int, default=1, help="runs at a time (local mode)")
     p.add_argument("--devices", nargs="+", default=None, metavar="DEVICE",
                    help="cpu, or cuda:0 cuda:1 ...: each run gets the least busy of these GPUs (default: cpu)")
-    p.add_argument("--cores", type=int, default=len(os.sched_getaffinity(0)),
-                   help="CPU cores shared by the runs: each run gets max(1, cores // workers) threads")
+    p.add_argument("--cores", type=int, default=available_cores(),
+                   help="CPU cores shared by the runs: each run gets max(1, cores // workers) threads (at most the "
+                        "cores this process may use)")
     p.add_argument("--python", type=str, default=sys.executable, help="interpreter that runs the script")
     p.add_argument("--dry-run", action="store_true",
                    help="print the command of every run that would start (and which are finished) and exit")
@@ -151,7 +204,7 @@ def parse_args(argv=None):
     g.add_argument("--slurm-mem", type=str, default="32G", help="memory per array task")
     g.add_argument("--slurm-max-parallel", type=int, default=0, help="array tasks running at once (0: no limit)")
     g.add_argument("--slurm-setup", type=str, default="",
-                   help="shell line run before the run, e.g. 'source ~/venv/bin/activate'")
+                   help="shell code run (with eval) before the run, e.g. 'source ~/venv/bin/activate'")
     g = p.add_argument_group("report (--report reads the run folders and runs nothing)")
     g.add_argument("--report", action="store_true", help="write report.md, report.json and plots into --out-dir")
     g.add_argument("--metrics", nargs="+", default=None, metavar="KEY",
@@ -160,48 +213,57 @@ def parse_args(argv=None):
     g.add_argument("--curves", nargs="+", default=None, metavar="KEY",
                    help="metrics.jsonl entries to plot over training (default: the script's curves)")
     g.add_argument("--curve-x", type=str, default="step", help="metrics.jsonl entry on the x axis of --curves")
-    g.add_argument("--plot-size", type=str, default="800x500", help="plot size in pixels, WIDTHxHEIGHT")
+    g.add_argument("--plot-size", type=str, default="800x500",
+                   help=f"plot size in pixels, WIDTHxHEIGHT, each {PLOT_SIZES[0]} to {PLOT_SIZES[1]}")
     p.add_argument("run_flags", nargs="*", metavar="-- FLAGS",
                    help="flags after -- are passed to every run (before the variant's flags)")
     args = p.parse_args(argv)
 
     # checks that need nothing but the command line
     if sum([args.report, args.slurm, args.dry_run]) > 1:
-        fail("--report, --slurm and --dry-run exclude each other")
-    if not re.fullmatch(r"\d+x\d+", args.plot_size) or min(map(int, args.plot_size.split("x"))) < 200:
-        fail(f"--plot-size must be WIDTHxHEIGHT, each at least 200, got {args.plot_size!r}")
-    args.plot_size = tuple(map(int, args.plot_size.split("x")))
+        raise UserError("--report, --slurm and --dry-run exclude each other")
+    size = tuple(map(int, args.plot_size.split("x"))) if re.fullmatch(r"\d{1,6}x\d{1,6}", args.plot_size) else ()
+    if not size or not all(PLOT_SIZES[0] <= n <= PLOT_SIZES[1] for n in size):
+        raise UserError(f"--plot-size must be WIDTHxHEIGHT, each between {PLOT_SIZES[0]} and {PLOT_SIZES[1]}, "
+                        f"got {args.plot_size!r}")
+    args.plot_size = size
     if args.seeds is not None and len(set(args.seeds)) != len(args.seeds):
         twice = sorted({s for s in args.seeds if args.seeds.count(s) > 1})
-        fail(f"--seeds: seed(s) {', '.join(map(str, twice))} given twice")
+        raise UserError(f"--seeds: seed(s) {', '.join(map(str, twice))} given twice")
     args.variants = parse_variants(args.variants)
     if args.script is not None:
         args.script = find_script(args.script)
     if args.report:
         return args
     if args.script is None:
-        fail("--script is required (the experiment to run)")
+        raise UserError("--script is required (the experiment to run)")
     if args.seeds is None:
         args.seeds = [1, 2, 3]
     if args.variants is None:
         args.variants = {"default": []}
-    if args.workers < 1 or args.cores < 1:
-        fail("--workers and --cores must be at least 1")
+    if args.workers < 1:
+        raise UserError("--workers must be at least 1")
+    args.cores = cap_cores("--cores", args.cores)
     if args.slurm and args.devices is not None:
-        fail("--devices is for local runs; with --slurm the scheduler assigns --slurm-gpus GPUs per array task")
+        raise UserError("--devices is for local runs; with --slurm the scheduler assigns --slurm-gpus GPUs per array task")
     if args.slurm_gpus < 0 or args.slurm_cpus < 1 or args.slurm_max_parallel < 0:
-        fail("--slurm-gpus and --slurm-max-parallel must be >= 0, --slurm-cpus >= 1")
+        raise UserError("--slurm-gpus and --slurm-max-parallel must be >= 0, --slurm-cpus >= 1")
     args.devices = parse_devices(args.devices or ["cpu"])
     for name, flags in [("flags after --", args.run_flags)] + [(f"variant {v!r}", f) for v, f in args.variants.items()]:
-        check_runner_flags(name, flags, "use --seeds, --out-dir, variant names, --devices")
+        check_flags(name, flags, RUNNER_FLAGS, "is set by the runner for every run (use --seeds, --out-dir, variant "
+                    "names, --devices; interrupted runs resume by themselves)")
+    check_out_dir(args.out_dir)
+    if args.slurm:
+        sbatch_options(args)  # refused values: before anything is written
     return args
 
 
-def check_runner_flags(name: str, flags: list[str], hint: str) -> None:
-    """Refuse a flag the runner sets for every run (RUNNER_FLAGS) in `flags`."""
-    for flag in RUNNER_FLAGS:
+def check_flags(name: str, flags: list[str], banned, why: str) -> None:
+    """Refuse any of the `banned` flags (e.g. RUNNER_FLAGS) in `flags`; the values the script resolves are checked
+    again after validation, which also catches abbreviations."""
+    for flag in banned:
         if any(tok == flag or tok.startswith(flag + "=") for tok in flags):
-            fail(f"{name}: {flag} is set by the runner for every run ({hint}; interrupted runs resume by themselves)")
+            raise UserError(f"{name}: {flag} {why}")
 
 
 def find_script(name: str) -> Path:
@@ -209,7 +271,7 @@ def find_script(name: str) -> Path:
     for path in (Path(name), REPO / name):
         if path.is_file() and path.suffix == ".py":
             return path.resolve()
-    fail(f"--script {name}: no such Python script (looked in {Path.cwd()} and {REPO})")
+    raise UserError(f"--script {name}: no such Python script (looked in {Path.cwd()} and {REPO})")
 
 
 def parse_variants(items: list[str] | None) -> dict[str, list[str]] | None:
@@ -220,14 +282,14 @@ def parse_variants(items: list[str] | None) -> dict[str, list[str]] | None:
     for item in items:
         name, _, flags = item.partition("=")
         if not re.fullmatch(NAME_RE, name):
-            fail(f"--variants {item!r}: a variant is NAME=FLAGS with NAME made of letters, digits, '.', '+', '-' "
-                 "and single '_' (it becomes --exp-name and the run folder's prefix)")
+            raise UserError(f"--variants {item!r}: a variant is NAME=FLAGS with NAME made of letters, digits, '.', "
+                            "'+', '-' and single '_' (it becomes --exp-name and the run folder's prefix)")
         if name in variants:
-            fail(f"--variants: variant {name!r} given twice")
+            raise UserError(f"--variants: variant {name!r} given twice")
         try:
             variants[name] = shlex.split(flags)
         except ValueError as e:
-            fail(f"--variants {item!r}: {e}")
+            raise UserError(f"--variants {item!r}: {e}") from None
     return variants
 
 
@@ -237,9 +299,10 @@ def parse_devices(devices: list[str]) -> list[str]:
         return devices
     for d in devices:
         if not re.fullmatch(r"cuda:\d+", d):
-            fail(f"--devices {d!r}: use cpu (alone) or cuda:N (one or more)")
+            raise UserError(f"--devices {d!r}: use cpu (alone) or cuda:N (one or more)")
     if len(set(devices)) != len(devices):
-        fail(f"--devices: a device given twice in {' '.join(devices)} (two jobs share a GPU with --workers > devices)")
+        raise UserError(f"--devices: a device given twice in {' '.join(devices)} (two jobs share a GPU with --workers "
+                        "> devices)")
     return devices
 
 
@@ -253,6 +316,7 @@ class Run:
     seed: int
     flags: list[str]  # flags after --, then the variant's flags ({seed} filled in)
     out_dir: str | None = None  # folder of its run folder and sweep/ files; None: the sweep's --out-dir (run_jobs sets it)
+    expect: dict = field(default_factory=dict)  # values the script must resolve from the flags (a preset's own)
 
     @property
     def key(self) -> str:
@@ -285,19 +349,64 @@ def command(args, run: Run, device_kind: str, threads: int | None, resume: Path 
     return cmd
 
 
-def run_state(out_dir: str, run: Run) -> tuple[str, Path | None]:
-    """('finished', run folder) | ('resume', its checkpoints/last.pt) | ('new', None), from the newest run folder that
-    has either (folder names sort by start time). The sbatch script repeats exactly this logic in bash."""
-    for folder in sorted(Path(out_dir).glob(f"{run.key}__*"), reverse=True):
-        if (folder / "summary.json").is_file():
-            return "finished", folder
-        if (folder / "checkpoints" / "last.pt").is_file():
-            return "resume", folder / "checkpoints" / "last.pt"
+# read_json, run_folders and run_state use only json and pathlib: the sbatch script runs them too (STATE_PY)
+def read_json(path) -> dict | None:
+    """The JSON object in `path`; None when it is missing, unreadable, not UTF-8, not JSON or not an object."""
+    try:
+        value = json.loads(Path(path).read_bytes())
+    except (OSError, ValueError, RecursionError):
+        return None
+    return value if isinstance(value, dict) else None
+
+
+def run_folders(out_dir, variant: str, seed: int, stem: str) -> list:
+    """[(run folder, its args.json)] of run (variant, seed) of script `stem` in out_dir, newest first: the folders
+    whose args.json records that exp_name, seed (an int) and script. A folder named like one whose args.json cannot
+    be read comes as (folder, None). The name is only a first filter: an exp_name may itself contain '__2'."""
+    found = []
+    for path in sorted(Path(out_dir).glob(f"{variant}__{seed}__*"), reverse=True):  # names sort by start time
+        a = read_json(path / "args.json")
+        if a is None:
+            found.append((path, None))
+        elif (a.get("exp_name") == variant and type(a.get("seed")) is int and a["seed"] == seed
+              and Path(str(a.get("command", "")).split(" ")[0]).stem == stem):
+            found.append((path, a))
+    return found
+
+
+def run_state(out_dir, variant: str, seed: int, stem: str) -> tuple:
+    """('finished', run folder) | ('resume', its checkpoints/last.pt) | ('new', None) from the newest run folder
+    (run_folders) with a readable summary.json or a last.pt; ('unreadable', folder) for a folder of the run's name
+    that holds either but no readable args.json. An unreadable summary.json is an unfinished run."""
+    for path, a in run_folders(out_dir, variant, seed, stem):
+        summary, last = path / "summary.json", path / "checkpoints" / "last.pt"
+        if a is None:
+            if summary.exists() or last.exists():
+                return "unreadable", path
+        elif read_json(summary) is not None:
+            return "finished", path
+        elif last.is_file():
+            return "resume", last
     return "new", None
 
 
+STATE_PY = "\n".join(["from __future__ import annotations", "import json, sys", "from pathlib import Path", "",
+                      *map(inspect.getsource, (read_json, run_folders, run_state)),
+                      "state, where = run_state(sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4])",
+                      "print(f\"{state}:{where or ''}\")", ""])
+
+
+def state_of(args, run: Run) -> tuple:
+    """run_state of a run of this sweep; a folder of its name without a readable args.json is an error."""
+    state, where = run_state(folder(args, run), run.variant, run.seed, args.script.stem)
+    if state == "unreadable":
+        raise UserError(f"{where}: args.json missing or unreadable, so it cannot be told whose run it is; move the "
+                        "folder away or use another --out-dir")
+    return state, where
+
+
 # ---------------------------------------------------------------------------------------------------------------
-# Validation: the script's own parser on every run's flags, in a subprocess (the runner itself never imports torch)
+# Validation: the script's own parser on every run's flags, in a subprocess (the script is never imported here)
 # ---------------------------------------------------------------------------------------------------------------
 VALIDATOR = r'''
 import contextlib, importlib.util, io, json, os, sys
@@ -362,55 +471,53 @@ def validate(args, runs: list[Run], device_kind: str) -> dict:
     key = hashlib.sha256(json.dumps([args.python, str(args.script), folder_hash.hexdigest(), argvs, need_cuda,
                                      os.environ.get("CUDA_VISIBLE_DEVICES"), socket.gethostname()]).encode()).hexdigest()
     cache_path = Path(args.out_abs) / "sweep" / "validated.json"
-    try:
-        cache = json.loads(cache_path.read_text())
-    except (OSError, ValueError):
-        cache = {}
+    cache = read_json(cache_path) or {}
     answer = cache.get(key)
     if answer is None:
         with tempfile.TemporaryDirectory() as tmp:
             request, answer_path = Path(tmp) / "request.json", Path(tmp) / "answer.json"
             request.write_text(json.dumps({"argvs": argvs, "need_cuda": need_cuda}))
-            proc = subprocess.run([args.python, "-c", VALIDATOR, str(args.script), str(request), str(answer_path)],
-                                  capture_output=True, text=True)
-            if not answer_path.is_file():
+            with os_errors(f"--python {args.python}: cannot run it"):
+                proc = subprocess.run([args.python, "-c", VALIDATOR, str(args.script), str(request), str(answer_path)],
+                                      capture_output=True, text=True)
+            answer = read_json(answer_path)
+            if answer is None:
                 last = ([l for l in proc.stderr.splitlines() if l.strip()] or [f"exit status {proc.returncode}"])[-1]
-                fail(f"could not check the flags with {args.script.name}: {last}")
-            answer = json.loads(answer_path.read_text())
+                raise UserError(f"could not check the flags with {args.script.name}: {last}")
     if answer["import_error"]:
-        fail(f"--script {args.script.name} cannot be used: {answer['import_error']}")
+        raise UserError(f"--script {args.script.name} cannot be used: {answer['import_error']}")
     for d in args.devices if need_cuda else []:
         if int(d.split(":")[1]) >= answer["cuda_count"]:
-            fail(f"--devices {d}: no such device ({answer['cuda_count']} CUDA device(s) visible)")
+            raise UserError(f"--devices {d}: no such device ({answer['cuda_count']} CUDA device(s) visible)")
     for run, result in zip(runs, answer["results"]):
         if not result["ok"]:
             reason = re.sub(r"^error:\s*", "", str(result["error"]))  # the script's own one-line error, unprefixed
-            fail(f"variant {run.variant!r} (seed {run.seed}): {args.script.name} refuses its flags: {reason}")
+            raise UserError(f"variant {run.variant!r} (seed {run.seed}): {args.script.name} refuses its flags: {reason}")
     resolved = [r["resolved"] for r in answer["results"]]
     has_threads = "threads" in resolved[0]
     if has_threads and any(tok == "--threads" or tok.startswith("--threads=") for run in runs for tok in run.flags):
-        fail("--threads is set by the runner (cores // workers, or --slurm-cpus)")
+        raise UserError("--threads is set by the runner (cores // workers, or --slurm-cpus)")
+    for run, got in zip(runs, resolved):  # the runner's flags come last and win, except --resume (absent here)
+        for k, v in {"resume": None, **run.expect}.items():
+            if k in got and got[k] != v:
+                raise UserError(f"variant {run.variant!r} (seed {run.seed}): its flags set --{k.replace('_', '-')} "
+                                f"(to {got[k]!r}), which the sweep sets itself ({v!r} for this run): drop it")
     # a finished or interrupted run folder must have been made with the flags this sweep asks for
     for run, want in zip(runs, resolved):
-        state, where = run_state(folder(args, run), run)
+        state, where = state_of(args, run)
         if state == "new":
             continue
         run_dir = where if state == "finished" else where.parent.parent
-        try:
-            have = json.loads((run_dir / "args.json").read_text())
-        except (OSError, ValueError):
-            fail(f"{run_dir}: args.json missing or unreadable; move the folder away or use another --out-dir")
+        have = read_json(run_dir / "args.json")
         diff = sorted(k for k in want.keys() & have.keys() if k not in NOT_CONFIG and want[k] != have[k])
         if diff:
             k = diff[0]
-            fail(f"{run_dir} was made with --{k.replace('_', '-')} {have[k]!r}, this sweep asks for {want[k]!r} "
-                 f"({len(diff)} setting(s) differ): use another --out-dir or variant name")
+            raise UserError(f"{run_dir} was made with --{k.replace('_', '-')} {have[k]!r}, this sweep asks for "
+                            f"{want[k]!r} ({len(diff)} setting(s) differ): use another --out-dir or variant name")
     if key not in cache and not args.dry_run:
-        cache_path.parent.mkdir(parents=True, exist_ok=True)
-        cache = dict(list(cache.items())[-19:] + [(key, answer)])
-        tmp = cache_path.with_name(cache_path.name + ".tmp")
-        tmp.write_text(json.dumps(cache))
-        os.replace(tmp, cache_path)
+        with os_errors(f"--out-dir {args.out_dir}: cannot write {cache_path}"):
+            cache_path.parent.mkdir(parents=True, exist_ok=True)
+            common.write_json(cache_path, dict(list(cache.items())[-19:] + [(key, answer)]))  # unique temporary file
     return {"threads": has_threads, "resolved": resolved}
 
 
@@ -425,20 +532,30 @@ def cuda_visible(device: str, parent: str | None) -> str:
     return str(index)
 
 
-def journal(out_dir: str, record: dict) -> None:
-    """One line of <out-dir>/sweep/runs.jsonl, appended in a single write."""
-    fd = os.open(Path(out_dir) / "sweep" / "runs.jsonl", os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+def append(path: Path, text: str) -> None:
+    """Append `text` to `path` in a single write (O_APPEND: lines of concurrent writers never interleave)."""
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
     try:
-        os.write(fd, (json.dumps(record) + "\n").encode())
+        os.write(fd, text.encode())
     finally:
         os.close(fd)
 
 
+def journal(out_dir: str, record: dict) -> None:
+    """One line of <out-dir>/sweep/runs.jsonl; a refused write is a UserError."""
+    path = Path(out_dir) / "sweep" / "runs.jsonl"
+    with os_errors(f"cannot write {path}"):
+        append(path, json.dumps(record) + "\n")
+
+
 def last_line(path: Path, offset: int) -> str:
-    """Last non-empty line written to `path` after byte `offset`."""
-    with open(path, "rb") as f:
-        f.seek(offset)
-        lines = [l for l in f.read().decode(errors="replace").splitlines() if l.strip()]
+    """Last non-empty line written to `path` after byte `offset` (looking at its last 64 KB)."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(max(offset, f.seek(0, os.SEEK_END) - 65536))
+            lines = [l for l in f.read().decode(errors="replace").splitlines() if l.strip()]
+    except OSError as e:
+        return f"(its log {path} cannot be read: {e.strerror})"
     return lines[-1].strip() if lines else "(nothing on stderr)"
 
 
@@ -453,109 +570,163 @@ class Job:
     t0: float
 
 
-def start(args, run: Run, device: str, threads: int | None, tag: str) -> Job | None:
-    """Take the run's lock, re-check its state under the lock, start it. None when busy elsewhere or finished."""
+INTERRUPTED = {130, 143, -signal.SIGINT, -signal.SIGTERM}  # exit statuses of a run stopped by SIGINT / SIGTERM
+
+
+def start(args, run: Run, device: str, threads: int | None, tag: str):
+    """Take the run's lock, re-check its state under the lock, record the start in runs.jsonl, start the run.
+    The Job, or 'busy' (another sweep runs it) or 'finished'. A refused write is a UserError before the run starts."""
     sweep = Path(folder(args, run)) / "sweep"
-    lock_fd = os.open(sweep / "locks" / f"{run.key}.lock", os.O_RDWR | os.O_CREAT, 0o644)
+    with os_errors(f"cannot open the lock of {run.variant} seed {run.seed}"):
+        lock_fd = os.open(sweep / "locks" / f"{run.key}.lock", os.O_RDWR | os.O_CREAT, 0o644)
     try:
-        fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
+        try:
+            fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            print(f"{tag} busy  {run.variant} seed {run.seed}: another sweep is running it", flush=True)
+            os.close(lock_fd)
+            return "busy"
+        state, where = state_of(args, run)
+        if state == "finished":
+            print(f"{tag} skip  {run.variant} seed {run.seed}: finished in {where}", flush=True)
+            os.close(lock_fd)
+            return "finished"
+        kind = "cpu" if device == "cpu" else "cuda"
+        cmd = command(args, run, kind, threads, where if state == "resume" else None)
+        n_threads = str(max(1, args.cores // args.workers))
+        env = dict(os.environ, OMP_NUM_THREADS=n_threads, MKL_NUM_THREADS=n_threads,
+                   CUDA_VISIBLE_DEVICES="" if device == "cpu" else cuda_visible(device, os.environ.get("CUDA_VISIBLE_DEVICES")))
+        out_path, err_path = sweep / "logs" / f"{run.key}.out", sweep / "logs" / f"{run.key}.err"
+        with os_errors(f"cannot write the logs of {run.variant} seed {run.seed}"), \
+                open(out_path, "ab") as out, open(err_path, "ab") as err:
+            out.write(f"=== {time.strftime('%Y-%m-%d %H:%M:%S')} {state}: {shlex.join(cmd)}\n".encode())
+            out.flush()
+            err_offset = err.tell()
+            journal(folder(args, run), {"event": "start", "index": run.index, "variant": run.variant, "seed": run.seed,
+                                        "state": state, "argv": cmd, "device": device,
+                                        "cuda_visible_devices": env["CUDA_VISIBLE_DEVICES"],
+                                        "omp_num_threads": n_threads, "time": time.time()})
+            with os_errors(f"cannot start {cmd[0]}"):
+                proc = subprocess.Popen(cmd, stdout=out, stderr=err, env=env, pass_fds=(lock_fd,))
+    except BaseException:
         os.close(lock_fd)
-        print(f"{tag} busy  {run.variant} seed {run.seed}: another sweep is running it", flush=True)
-        return None
-    state, where = run_state(folder(args, run), run)
-    if state == "finished":
-        os.close(lock_fd)
-        print(f"{tag} skip  {run.variant} seed {run.seed}: finished in {where}", flush=True)
-        return None
-    kind = "cpu" if device == "cpu" else "cuda"
-    cmd = command(args, run, kind, threads, where if state == "resume" else None)
-    n_threads = str(max(1, args.cores // args.workers))
-    env = dict(os.environ, OMP_NUM_THREADS=n_threads, MKL_NUM_THREADS=n_threads,
-               CUDA_VISIBLE_DEVICES="" if device == "cpu" else cuda_visible(device, os.environ.get("CUDA_VISIBLE_DEVICES")))
-    out_path, err_path = sweep / "logs" / f"{run.key}.out", sweep / "logs" / f"{run.key}.err"
-    with open(out_path, "ab") as out, open(err_path, "ab") as err:
-        header = f"=== {time.strftime('%Y-%m-%d %H:%M:%S')} {state}: {shlex.join(cmd)}\n".encode()
-        out.write(header)
-        out.flush()
-        err_offset = err.tell()
-        proc = subprocess.Popen(cmd, stdout=out, stderr=err, env=env, pass_fds=(lock_fd,))
+        raise
     print(f"{tag} start {run.variant} seed {run.seed} ({state}, {device}, {n_threads} thread(s)): {shlex.join(cmd)}",
           flush=True)
-    journal(folder(args, run), {"event": "start", "index": run.index, "variant": run.variant, "seed": run.seed,
-                                "state": state, "argv": cmd, "device": device,
-                                "cuda_visible_devices": env["CUDA_VISIBLE_DEVICES"],
-                                "omp_num_threads": n_threads, "pid": proc.pid, "time": time.time()})
     return Job(run, proc, lock_fd, device, err_path, err_offset, time.time())
 
 
+def end(args, job: Job) -> dict:
+    """Record the end of an ended job in runs.jsonl (status finished, interrupted or failed; last_pt: the checkpoint
+    the same command continues from, or None) and release its lock; the record."""
+    rc = job.proc.returncode
+    try:
+        state, where = run_state(folder(args, job.run), job.run.variant, job.run.seed, args.script.stem)
+        record = {"event": "end", "index": job.run.index, "variant": job.run.variant, "seed": job.run.seed,
+                  "exit": rc, "status": "finished" if rc == 0 else "interrupted" if rc in INTERRUPTED else "failed",
+                  "last_pt": str(where) if state == "resume" else None, "pid": job.proc.pid,
+                  "seconds": round(time.time() - job.t0, 3), "time": time.time()}
+        if rc != 0:
+            record["last_stderr"] = last_line(job.err_path, job.err_offset)
+        journal(folder(args, job.run), record)
+        return record
+    finally:
+        os.close(job.lock_fd)
+
+
 def run_local(args, runs: list[Run], has_threads: bool, on_end=None) -> int:
-    """Run `runs` in order, args.workers at a time; on_end(run, exit status), if given, after each run that ran."""
+    """Run `runs` in order, args.workers at a time; on_end(run, exit status), if given, after each run that ran.
+
+    SIGINT and SIGTERM only set a flag here, acted on between polls: nothing more starts, a SIGTERM is passed on to
+    the runs as SIGINT (once; the terminal's Ctrl-C reaches them by itself), and the runner waits for every run to
+    end and records it. Any error of the runner itself stops the running runs the same way before it is reported."""
     sweeps = sorted({Path(folder(args, run)) / "sweep" for run in runs})
-    for sweep in sweeps:
-        (sweep / "locks").mkdir(parents=True, exist_ok=True)
-        (sweep / "logs").mkdir(parents=True, exist_ok=True)
+    with os_errors(f"--out-dir {args.out_dir}: cannot create the sweep's folders"):
+        for sweep in sweeps:
+            (sweep / "locks").mkdir(parents=True, exist_ok=True)
+            (sweep / "logs").mkdir(parents=True, exist_ok=True)
     threads = max(1, args.cores // args.workers) if has_threads else None
-    queue, running, failed, counts = list(runs), [], [], {"ran": 0, "skipped": 0}
+    queue, running, failed, stopped = list(runs), [], [], []
+    counts = {"ran": 0, "skipped": 0, "busy": 0}
     n_variants, n_seeds = len({run.variant for run in runs}), len({run.seed for run in runs})
     print(f"sweep: {len(runs)} runs of {args.script.name} ({n_variants} variants x {n_seeds} seeds), "
           f"{args.workers} at a time on {' '.join(args.devices)}; logs in "
           f"{' '.join(str(sweep / 'logs') for sweep in sweeps)}", flush=True)
-
-    def stop(signum, frame):  # SIGTERM as Ctrl-C: stop the runs, keep their checkpoints
-        raise KeyboardInterrupt
-
-    signal.signal(signal.SIGTERM, stop)
+    signals, seen = [], 0
+    previous = {s: signal.signal(s, lambda signum, frame: signals.append(signum)) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
-        while queue or running:
-            while queue and len(running) < args.workers:
+        while running or (queue and not signals):
+            if len(signals) > seen:
+                if not seen:
+                    print(f"interrupted: starting no more runs; waiting for the {len(running)} running run(s) to save "
+                          "a checkpoint and stop (a second Ctrl-C stops them without saving)", flush=True)
+                if signal.SIGTERM in signals[seen:] and signal.SIGTERM not in signals[:seen]:
+                    for job in running:
+                        job.proc.send_signal(signal.SIGINT)
+                seen = len(signals)
+            while queue and not signals and len(running) < args.workers:
                 run = queue.pop(0)
                 load = [sum(job.device == d for job in running) for d in args.devices]
-                device = args.devices[load.index(min(load))]
-                job = start(args, run, device, threads, f"[{run.index + 1}/{len(runs)}]")
-                if job is None:
-                    counts["skipped"] += 1
-                else:
+                job = start(args, run, args.devices[load.index(min(load))], threads, f"[{run.index + 1}/{len(runs)}]")
+                if isinstance(job, Job):
                     running.append(job)
+                else:
+                    counts["busy" if job == "busy" else "skipped"] += 1
             time.sleep(0.05)
             for job in [j for j in running if j.proc.poll() is not None]:
                 running.remove(job)
-                os.close(job.lock_fd)
-                rc, took = job.proc.returncode, time.time() - job.t0
+                record, name = end(args, job), f"{job.run.variant} seed {job.run.seed}"
                 tag = f"[{job.run.index + 1}/{len(runs)}]"
-                record = {"event": "end", "index": job.run.index, "variant": job.run.variant, "seed": job.run.seed,
-                          "exit": rc, "seconds": round(took, 3), "time": time.time()}
-                if rc == 0:
+                if record["status"] == "finished":
                     counts["ran"] += 1
-                    print(f"{tag} done  {job.run.variant} seed {job.run.seed}: ok, {took:.1f} s", flush=True)
+                    print(f"{tag} done  {name}: ok, {record['seconds']:.1f} s", flush=True)
+                elif record["status"] == "interrupted" and signals:
+                    stopped.append(record)
+                    print(f"{tag} stopped {name}: {record['last_stderr']}", flush=True)
                 else:
-                    status = f"exit {rc}" if rc > 0 else f"killed by signal {-rc}"
-                    record["last_stderr"] = last_line(job.err_path, job.err_offset)
-                    failed.append(f"{job.run.variant} seed {job.run.seed}: {status}: {record['last_stderr']}")
+                    status = f"exit {record['exit']}" if record["exit"] > 0 else f"killed by signal {-record['exit']}"
+                    failed.append(f"{name}: {status}: {record['last_stderr']}")
                     print(f"{tag} FAILED {failed[-1]} (log {job.err_path})", file=sys.stderr, flush=True)
-                journal(folder(args, job.run), record)
                 if on_end is not None:
-                    on_end(job.run, rc)
-    except KeyboardInterrupt:
+                    on_end(job.run, record["exit"])
+    except BaseException:  # a refused write or a bug: the running runs save and stop first, then it is reported
+        if running:
+            print(f"stopping the {len(running)} running run(s) (SIGINT: each saves a checkpoint)", flush=True)
         for job in running:
-            job.proc.terminate()
+            job.proc.send_signal(signal.SIGINT)
         for job in running:
             job.proc.wait()
-        print(f"interrupted: {len(running)} run(s) stopped; the same command continues them from their last "
-              "checkpoint", file=sys.stderr, flush=True)
+            try:
+                end(args, job)
+            except (UserError, OSError):
+                pass
+        raise
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    if signals:
+        saved = [f"{r['variant']} seed {r['seed']}" for r in stopped if r["last_pt"]]
+        lost = [f"{r['variant']} seed {r['seed']}" for r in stopped if not r["last_pt"]]
+        parts = [f"{len(stopped)} run(s) stopped"]
+        parts += [f"the same command continues {', '.join(saved)} from checkpoints/last.pt"] if saved else []
+        parts += [f"{', '.join(lost)} had no checkpoint and will start again from scratch"] if lost else []
+        parts += [f"{len(failed)} failed"] if failed else []
+        parts += [f"{len(queue)} not started"] if queue else []
+        print("interrupted: " + "; ".join(parts), file=sys.stderr, flush=True)
         return 130
-    print(f"sweep: {counts['ran']} ran, {counts['skipped']} skipped, {len(failed)} failed", flush=True)
+    print(f"sweep: {counts['ran']} ran, {counts['skipped']} skipped, {len(failed)} failed"
+          + (f", {counts['busy']} busy in another sweep (exit status {EXIT_BUSY})" if counts["busy"] else ""), flush=True)
     if failed:
         print("failed runs:\n  " + "\n  ".join(failed), file=sys.stderr, flush=True)
         return 1
-    return 0
+    return EXIT_BUSY if counts["busy"] else 0
 
 
 def dry_run(args, runs: list[Run], has_threads: bool) -> int:
     threads = max(1, args.cores // args.workers) if has_threads else None
     kind = "cpu" if args.devices == ["cpu"] else "cuda"
     for run in runs:
-        state, where = run_state(folder(args, run), run)
+        state, where = state_of(args, run)
         if state == "finished":
             print(f"# {run.variant} seed {run.seed}: finished in {where}")
         else:
@@ -566,39 +737,55 @@ def dry_run(args, runs: list[Run], has_threads: bool) -> int:
 # ---------------------------------------------------------------------------------------------------------------
 # SLURM
 # ---------------------------------------------------------------------------------------------------------------
+def sbatch_options(args) -> list[str]:
+    """The #SBATCH options that come from flags, each value shell-quoted (sbatch reads quotes and backslashes like a
+    shell), refused when it holds a control character or a backslash: sbatch could not read it back, and a newline
+    would end the comment line and run the rest as a command."""
+    def value(flag, text):
+        text = str(text)
+        if re.search(r"[\x00-\x1f\x7f\\]", text):
+            raise UserError(f"{flag} {text!r}: an #SBATCH value cannot hold a control character (newline, tab) or a "
+                            "backslash")
+        return shlex.quote(text)
+
+    logs = Path(os.path.abspath(args.out_dir)) / "sweep" / "logs"
+    options = [f"--time={value('--slurm-time', args.slurm_time)}", f"--cpus-per-task={args.slurm_cpus}",
+               f"--mem={value('--slurm-mem', args.slurm_mem)}"]
+    options += [f"--gres=gpu:{args.slurm_gpus}"] if args.slurm_gpus else []
+    options += [f"--partition={value('--slurm-partition', args.slurm_partition)}"] if args.slurm_partition else []
+    options += [f"--account={value('--slurm-account', args.slurm_account)}"] if args.slurm_account else []
+    return options + ["--requeue", "--open-mode=append", f"--output={value('--out-dir', logs / 'slurm_%A_%a.out')}",
+                      f"--error={value('--out-dir', logs / 'slurm_%A_%a.err')}"]
+
+
+def comment(text: str) -> str:
+    """`text` for a `#` comment line: control characters written as \\xNN (a newline would end the comment)."""
+    return re.sub(r"[\x00-\x1f\x7f]", lambda m: f"\\x{ord(m.group()):02x}", text)
+
+
 def write_slurm(args, runs: list[Run], has_threads: bool) -> int:
     sweep = Path(args.out_abs) / "sweep"
-    (sweep / "logs").mkdir(parents=True, exist_ok=True)
-    (sweep / "locks").mkdir(parents=True, exist_ok=True)
     name = re.sub(r"[^A-Za-z0-9_.-]", "_", args.slurm_job_name or f"{args.script.stem}-sweep")
     kind = "cuda" if args.slurm_gpus > 0 else "cpu"
     threads = args.slurm_cpus if has_threads else None
     q = shlex.quote
     lines = ["#!/bin/bash",
-             f"# Written by sweeps/run.py: {shlex.join([Path(sys.argv[0]).name] + sys.argv[1:])}",
-             f"# {len(runs)} runs of {args.script.name}; array index -> run:"]
+             f"# Written by sweeps/run.py: {comment(shlex.join([Path(sys.argv[0]).name] + sys.argv[1:]))}",
+             f"# {len(runs)} runs of {comment(args.script.name)}; array index -> run:"]
     lines += [f"#   {r.index}: {r.variant} seed {r.seed}" for r in runs]
     lines += ["# A finished run (summary.json) is skipped; an interrupted one (checkpoints/last.pt) continues with",
               "# --resume, also after a requeue. SWEEP_DRY_RUN=1 SLURM_ARRAY_TASK_ID=i bash <this file> prints the",
               "# command of index i (NUL-separated) instead of running it.",
               f"#SBATCH --job-name={name}",
-              f"#SBATCH --array=0-{len(runs) - 1}" + (f"%{args.slurm_max_parallel}" if args.slurm_max_parallel else ""),
-              f"#SBATCH --time={args.slurm_time}",
-              f"#SBATCH --cpus-per-task={args.slurm_cpus}",
-              f"#SBATCH --mem={args.slurm_mem}"]
-    lines += [f"#SBATCH --gres=gpu:{args.slurm_gpus}"] if args.slurm_gpus else []
-    lines += [f"#SBATCH --partition={args.slurm_partition}"] if args.slurm_partition else []
-    lines += [f"#SBATCH --account={args.slurm_account}"] if args.slurm_account else []
-    lines += ["#SBATCH --requeue", "#SBATCH --open-mode=append",
-              f"#SBATCH --output={sweep / 'logs' / 'slurm_%A_%a.out'}",
-              f"#SBATCH --error={sweep / 'logs' / 'slurm_%A_%a.err'}",
-              "set -euo pipefail",
-              "export LC_ALL=C  # run folders sort by name as in sweeps/run.py",
-              f"cd {q(os.getcwd())}"]
-    lines += [args.slurm_setup] if args.slurm_setup else []
+              f"#SBATCH --array=0-{len(runs) - 1}" + (f"%{args.slurm_max_parallel}" if args.slurm_max_parallel else "")]
+    lines += [f"#SBATCH {option}" for option in sbatch_options(args)]
+    lines += ["set -euo pipefail", f"cd {q(os.getcwd())}"]
+    lines += [f"eval {q(args.slurm_setup)}"] if args.slurm_setup else []
     lines += [f"export OMP_NUM_THREADS={args.slurm_cpus} MKL_NUM_THREADS={args.slurm_cpus}"]
     lines += [] if args.slurm_gpus else ['export CUDA_VISIBLE_DEVICES=""']
-    lines += [f"OUT_DIR={q(args.out_abs)}",
+    lines += [f"OUT_DIR={q(args.out_abs)}", f"STEM={q(args.script.stem)}",
+              "# which run folder is this run's and its state: sweeps/run.py's own run_state",
+              f"STATE_PY={q(STATE_PY)}",
               'case "${SLURM_ARRAY_TASK_ID:?run this file with sbatch, or set SLURM_ARRAY_TASK_ID}" in']
     for r in runs:
         cmd = " ".join(q(tok) for tok in command(args, r, kind, threads))
@@ -612,19 +799,21 @@ def write_slurm(args, runs: list[Run], has_threads: bool) -> int:
               '  exec 9>>"$OUT_DIR/sweep/locks/${NAME}__${SEED}.lock"',
               '  if command -v flock >/dev/null && ! flock -n 9; then echo "busy: ${NAME} seed ${SEED} runs elsewhere"; exit 0; fi',
               "fi",
-              "# newest run folder first: finished -> nothing to do; interrupted -> continue it",
-              'FOLDERS=("$OUT_DIR/${NAME}__${SEED}__"*)',
-              'for (( j=${#FOLDERS[@]}-1; j>=0; j-- )); do',
-              '  D=${FOLDERS[j]}',
-              '  [ -d "$D" ] || continue',
-              '  if [ -f "$D/summary.json" ]; then echo "finished: $D"; exit 0; fi',
-              '  if [ -f "$D/checkpoints/last.pt" ]; then CMD+=(--resume "$D/checkpoints/last.pt"); break; fi',
-              "done",
+              "# the newest run folder of this run: finished -> nothing to do; interrupted -> continue it",
+              'STATE=$("${CMD[0]}" -c "$STATE_PY" "$OUT_DIR" "$NAME" "$SEED" "$STEM")',
+              'case "$STATE" in',
+              '  finished:*) echo "finished: ${STATE#finished:}"; exit 0 ;;',
+              '  resume:*) CMD+=(--resume "${STATE#resume:}") ;;',
+              '  unreadable:*) echo "error: ${STATE#unreadable:}: args.json missing or unreadable" >&2; exit 2 ;;',
+              "esac",
               'if [ -n "${SWEEP_DRY_RUN:-}" ]; then printf \'%s\\0\' "${CMD[@]}"; exit 0; fi',
               'echo "run: ${CMD[*]}"',
               'exec "${CMD[@]}"', ""]
     path = sweep / f"{name}.sbatch"
-    path.write_text("\n".join(lines))
+    with os_errors(f"--out-dir {args.out_dir}: cannot write {path}"):
+        (sweep / "logs").mkdir(parents=True, exist_ok=True)
+        (sweep / "locks").mkdir(parents=True, exist_ok=True)
+        path.write_text("\n".join(lines))
     print(f"wrote {path} ({len(runs)} array tasks)\nsbatch {q(str(path))}", flush=True)
     return 0
 
@@ -633,23 +822,33 @@ def write_slurm(args, runs: list[Run], has_threads: bool) -> int:
 # Report: tables and plots from the run folders alone
 # ---------------------------------------------------------------------------------------------------------------
 def read_jsonl(path: Path) -> list[dict]:
+    """The JSON objects of a .jsonl file, one a line; other lines (torn by a crash, not UTF-8, not an object) are
+    left out, and so is a file that cannot be read."""
+    try:
+        text = Path(path).read_bytes().decode(errors="replace")
+    except OSError:
+        return []
     records = []
-    if path.is_file():
-        for line in path.read_text().splitlines():
-            try:
-                records.append(json.loads(line))
-            except ValueError:  # a line torn by a crash
-                pass
+    for line in text.splitlines():
+        try:
+            record = json.loads(line)
+        except (ValueError, RecursionError):
+            continue
+        if isinstance(record, dict):
+            records.append(record)
     return records
 
 
+NUMBER_MAX = 1e150  # larger magnitudes are no metric's values; their squares would overflow the statistics
+
+
 def number(obj, dotted: str) -> float | None:
-    """obj['a']['b'] for 'a.b' when it is a finite number, else None."""
+    """obj['a']['b'] for 'a.b' when it is a finite number below NUMBER_MAX in magnitude, else None."""
     for part in dotted.split("."):
         if not isinstance(obj, dict) or part not in obj:
             return None
         obj = obj[part]
-    if isinstance(obj, bool) or not isinstance(obj, (int, float)) or not math.isfinite(obj):
+    if isinstance(obj, bool) or not isinstance(obj, (int, float)) or not abs(obj) < NUMBER_MAX:
         return None
     return float(obj)
 
@@ -662,7 +861,7 @@ def stats(values: list[float]) -> dict:
 def fmt(value: float | None, decimals: int | None) -> str:
     if value is None:
         return "–"
-    return f"{value:.{decimals}f}" if decimals is not None else f"{value:.4g}"
+    return f"{value:.{decimals}f}" if decimals is not None and abs(value) < 1e6 else f"{value:.4g}"
 
 
 def fmt_stats(s: dict, decimals: int | None) -> str:
@@ -673,26 +872,52 @@ def fmt_stats(s: dict, decimals: int | None) -> str:
     return f"{fmt(s['mean'], decimals)} ± {fmt(s['std'], decimals)}"
 
 
+@dataclass
+class RunFolder:
+    path: Path
+    args: dict
+    summary: dict | None  # None: unfinished (no summary.json, or one that cannot be read)
+
+
+def run_folder(path: Path) -> RunFolder | str:
+    """The run folder at `path` with its args.json and summary.json, or why it cannot be used."""
+    a = read_json(path / "args.json")
+    if a is None:
+        return "args.json unreadable"
+    if not isinstance(a.get("exp_name"), str) or type(a.get("seed")) is not int or not isinstance(a.get("command"), str):
+        return "args.json lacks exp_name, an integer seed or the command"
+    return RunFolder(path, a, read_json(path / "summary.json"))
+
+
 def collect(out_dir: Path, script: Path | None) -> tuple[str, dict, list[str]]:
-    """(script stem, {variant: {seed: run folder}}, notes) of the finished runs; newest folder per (variant, seed)."""
-    finished, unfinished, stems = {}, [], set()
-    for folder in sorted(p for p in out_dir.iterdir() if (p / "args.json").is_file()):
-        a = json.loads((folder / "args.json").read_text())
-        stem = Path(str(a.get("command", "")).split(" ")[0]).stem
+    """(script stem, {variant: {seed: RunFolder}}, notes) of the finished runs; newest folder per (variant, seed).
+    Folders whose args.json cannot be used are skipped and listed in the notes."""
+    finished, unfinished, unreadable, stems = {}, [], [], set()
+    with os_errors(f"--report: cannot read {out_dir}"):
+        folders = sorted(p for p in out_dir.iterdir() if (p / "args.json").exists())
+    for path in folders:
+        run = run_folder(path)
+        if isinstance(run, str):
+            unreadable.append(f"{path.name} ({run})")
+            continue
+        stem = Path(run.args["command"].split(" ")[0]).stem
         if script is not None and stem != script.stem:
             continue
-        if (folder / "summary.json").is_file():
+        if run.summary is not None:
             stems.add(stem)
-            finished.setdefault(a["exp_name"], {}).setdefault(a["seed"], []).append(folder)
+            finished.setdefault(run.args["exp_name"], {}).setdefault(run.args["seed"], []).append(run)
         else:
-            steps = [r.get("step") for r in read_jsonl(folder / "metrics.jsonl") if "step" in r]
-            unfinished.append(f"{folder.name} (last logged step {steps[-1] if steps else '–'})")
+            steps = [r["step"] for r in read_jsonl(path / "metrics.jsonl") if number(r, "step") is not None]
+            why = ", summary.json unreadable" if (path / "summary.json").exists() else ""
+            unfinished.append(f"{path.name} (last logged step {steps[-1] if steps else '–'}{why})")
+    notes = [f"run folders skipped, args.json unusable: {', '.join(unreadable)}"] if unreadable else []
     if not stems:
-        fail(f"--report: no finished run folders (args.json + summary.json) in {out_dir}")
+        raise UserError(f"--report: no finished run folders (args.json + summary.json) in {out_dir}"
+                        + (f"; {notes[0]}" if notes else ""))
     if len(stems) > 1:
-        fail(f"--report: {out_dir} holds runs of several scripts ({', '.join(sorted(stems))}): add --script")
-    notes = [f"{v} seed {s}: {len(f)} finished run folders, the newest ({f[-1].name}) is used"
-             for v, by_seed in finished.items() for s, f in by_seed.items() if len(f) > 1]
+        raise UserError(f"--report: {out_dir} holds runs of several scripts ({', '.join(sorted(stems))}): add --script")
+    notes += [f"{v} seed {s}: {len(f)} finished run folders, the newest ({f[-1].path.name}) is used"
+              for v, by_seed in finished.items() for s, f in by_seed.items() if len(f) > 1]
     if unfinished:
         notes.append("unfinished runs, not in the tables: " + ", ".join(unfinished))
     runs = {v: {s: f[-1] for s, f in by_seed.items()} for v, by_seed in finished.items()}
@@ -743,7 +968,7 @@ def draw_plot(path: Path, title: str, x_label: str, y_label: str, series: list[t
     ys = [v for _, _, c in series for m, s in zip(c["mean"], c["std"]) for v in (m - s, m + s)]
     x_ticks, x_dec = nice_ticks(min(xs), max(xs))
     y_ticks, y_dec = nice_ticks(min(ys), max(ys))
-    tick_text = lambda t, dec: f"{0.0 if abs(t) < 1e-12 else t:.{dec}f}"  # noqa: E731  (no "-0.0")
+    tick_text = lambda t, dec: fmt(0.0 if abs(t) < 1e-12 else t, dec)  # noqa: E731  (no "-0.0")
     x_text, y_text = [tick_text(t, x_dec) for t in x_ticks], [tick_text(t, y_dec) for t in y_ticks]
     left = 18 + text_h + 12 + max(text_w(s) for s in y_text) + 8
     top, right, bottom = 18 + text_h * 2, W - 20, H - (2 * text_h + 30)
@@ -806,20 +1031,20 @@ def draw_plot(path: Path, title: str, x_label: str, y_label: str, series: list[t
 def report(args) -> int:
     out_dir = Path(args.out_dir)
     if not out_dir.is_dir():
-        fail(f"--report: no folder {out_dir}")
+        raise UserError(f"--report: no folder {out_dir}")
     stem, runs, notes = collect(out_dir, args.script)
     pick_seeds = lambda by_seed: sorted(s for s in by_seed if args.seeds is None or s in args.seeds)  # noqa: E731
     variants = [v for v in (args.variants or sorted(runs)) if v in runs and pick_seeds(runs[v])]
     notes += [f"variant {v}: no finished runs of the seeds asked for" for v in (args.variants or []) if v not in variants]
     if not variants:
-        fail(f"--report: no finished runs of the variants and seeds asked for in {out_dir}")
+        raise UserError(f"--report: no finished runs of the variants and seeds asked for in {out_dir}")
     if args.metrics:
         metrics_spec = [(k, k, 1, None) for k in args.metrics]
     elif stem in HEADLINES:
         metrics_spec = HEADLINES[stem]
     else:  # another script: every numeric top-level entry of its summaries
-        keys = sorted({k for v in variants for s in runs[v].values()
-                       for k, val in json.loads((s / "summary.json").read_text()).items() if number({k: val}, k) is not None})
+        keys = sorted({k for v in variants for run in runs[v].values()
+                       for k, val in run.summary.items() if number({k: val}, k) is not None})
         metrics_spec = [(k, k, 1, None) for k in keys]
     if args.curves:
         curves_spec = [(re.sub(r"[^A-Za-z0-9_.-]", "_", k), k, k, args.curve_x, args.curve_x, 1) for k in args.curves]
@@ -829,8 +1054,8 @@ def report(args) -> int:
     result = {"script": stem, "out_dir": str(out_dir.resolve()), "variants": {}, "curves": {}, "notes": notes}
     for v in variants:
         seeds = pick_seeds(runs[v])
-        summaries = {s: json.loads((runs[v][s] / "summary.json").read_text()) for s in seeds}
-        entry = {"seeds": seeds, "runs": {str(s): str(runs[v][s]) for s in seeds}, "metrics": {}}
+        summaries = {s: runs[v][s].summary for s in seeds}
+        entry = {"seeds": seeds, "runs": {str(s): str(runs[v][s].path) for s in seeds}, "metrics": {}}
         for label, key, scale, _ in metrics_spec:
             per_seed = {s: (None if number(summaries[s], key) is None else number(summaries[s], key) * scale)
                         for s in seeds}
@@ -850,7 +1075,7 @@ def report(args) -> int:
                      + " | ".join(fmt_stats(e["metrics"][label], dec) for label, _, _, dec in metrics_spec) + " |")
     for v in variants:
         e = result["variants"][v]
-        first = json.loads((Path(e["runs"][str(e["seeds"][0])]) / "args.json").read_text())
+        first = runs[v][e["seeds"][0]].args
         lines += ["", f"## {v}", "", f"Command (seed {e['seeds'][0]}): `{first.get('command', '?')}`", "",
                   "| metric | n | mean ± std | " + " | ".join(f"seed {s}" for s in e["seeds"]) + " |",
                   "|---|---|---|" + "---|" * len(e["seeds"])]
@@ -863,7 +1088,7 @@ def report(args) -> int:
     for file_stem, y_label, y_key, x_key, x_label, scale in curves_spec:
         series, data = [], {}
         for i, v in enumerate(variants):
-            c = curve([runs[v][s] for s in pick_seeds(runs[v])], y_key, x_key, scale)
+            c = curve([runs[v][s].path for s in pick_seeds(runs[v])], y_key, x_key, scale)
             if c["x"]:
                 data[v] = c
                 series.append((f"{v} (n={max(c['n'])})", COLORS[i % len(COLORS)], c))
@@ -871,8 +1096,9 @@ def report(args) -> int:
             notes.append(f"no {y_key} in any metrics.jsonl: no {file_stem}.png")
             continue
         png = out_dir / f"{file_stem}.png"
-        draw_plot(png, f"{stem}: {y_label} vs {x_label} (mean ± std over seeds)", x_label, y_label, series,
-                  args.plot_size)
+        with os_errors(f"--report: cannot write {png}"):
+            draw_plot(png, f"{stem}: {y_label} vs {x_label} (mean ± std over seeds)", x_label, y_label, series,
+                      args.plot_size)
         result["curves"][file_stem] = {"file": png.name, "y": y_key, "x": x_key, "scale": scale,
                                        "colors": {v: COLORS[i % len(COLORS)] for i, v in enumerate(variants) if v in data},
                                        "series": data}
@@ -882,8 +1108,9 @@ def report(args) -> int:
     if notes:
         lines += ["", "## Notes", ""] + [f"- {n}" for n in notes]
     text = "\n".join(lines) + "\n"
-    (out_dir / "report.md").write_text(text)
-    (out_dir / "report.json").write_text(json.dumps(result, indent=1) + "\n")
+    with os_errors(f"--report: cannot write into {out_dir}"):
+        (out_dir / "report.md").write_text(text)
+        (out_dir / "report.json").write_text(json.dumps(result, indent=1) + "\n")
     print(text, end="")
     print(f"wrote {out_dir / 'report.md'}, report.json" + "".join(f", {c['file']}" for c in result["curves"].values()))
     return 0
@@ -894,29 +1121,34 @@ def report(args) -> int:
 # ---------------------------------------------------------------------------------------------------------------
 def run_jobs(jobs, script, out_dir, *, workers: int = 1, cores: int | None = None, devices=("cpu",),
              python: str | None = None, print_only: bool = False, on_end=None) -> int:
-    """Run jobs = [(out_dir, exp_name, seed, flags)] of `script` in the given order with the local mode of this
-    runner: the same validation (the script's parser on every run's flags, a run folder made with other flags is an
-    error), locks, skip/resume from the run folders, `workers` at a time on `devices` with cores // workers threads,
-    logs and runs.jsonl, and the same exit status (0, 1 when a run failed, 130 when interrupted; a user mistake: one
-    `error:` line, exit 2). Run i is `python <script> <flags> --seed S --out-dir <its out_dir> --exp-name <exp_name>
-    --device cpu|cuda [--threads T] [--resume last.pt]`; its sweep files are in <its out_dir>/sweep/, the flag
-    check's cache in <out_dir>/sweep/. print_only: print the commands (--dry-run) instead. on_end(run, exit status) is called
-    after each run that ran."""
+    """Run jobs = [(out_dir, exp_name, seed, flags[, expect])] of `script` in the given order with the local mode of
+    this runner: the same validation (the script's parser on every run's flags; `expect`, a dict such as
+    {"num_labels": 100}, holds values the script must resolve from them, so flags passed through cannot override
+    what names the run; a run folder made with other flags is an error), locks, skip/resume from the run folders,
+    `workers` at a time on `devices` with cores // workers threads, logs and runs.jsonl, and the same exit statuses
+    (0, 1 when a run failed, 3 when one was busy, 130 when interrupted; a user mistake raises UserError: run the
+    caller under common.run_cli). Run i is `python <script> <flags> --seed S --out-dir <its out_dir> --exp-name
+    <exp_name> --device cpu|cuda [--threads T] [--resume last.pt]`; its sweep files are in <its out_dir>/sweep/, the
+    flag check's cache in <out_dir>/sweep/. print_only: print the commands (--dry-run) instead. on_end(run, exit
+    status) is called after each run that ran."""
+    if workers < 1:
+        raise UserError(f"--jobs / --workers must be at least 1, got {workers}")
     args = argparse.Namespace(script=find_script(str(script)), python=python or sys.executable, out_dir=str(out_dir),
                               out_abs=os.path.abspath(out_dir), workers=workers,
-                              cores=cores or len(os.sched_getaffinity(0)), devices=parse_devices(list(devices)),
+                              cores=cap_cores("--cores", cores or available_cores()), devices=parse_devices(list(devices)),
                               slurm=False, dry_run=print_only)
-    if args.workers < 1 or args.cores < 1:
-        fail("workers and cores must be at least 1")
     runs, seen = [], set()
-    for job_dir, name, seed, flags in jobs:
-        run = Run(len(runs), name, int(seed), [str(tok) for tok in flags], os.path.abspath(job_dir))
+    for job_dir, name, seed, flags, *expect in jobs:
+        run = Run(len(runs), name, int(seed), [str(tok) for tok in flags], os.path.abspath(job_dir),
+                  dict(*expect[:1]))
         if not re.fullmatch(NAME_RE, name):
-            fail(f"run name {name!r}: use letters, digits, '.', '+', '-' and single '_' (it is the run folder's prefix)")
+            raise UserError(f"run name {name!r}: use letters, digits, '.', '+', '-' and single '_' (it is the run "
+                            "folder's prefix)")
         if (run.out_dir, run.key) in seen:
-            fail(f"run {name} seed {seed} in {run.out_dir} is planned twice")
+            raise UserError(f"run {name} seed {seed} in {run.out_dir} is planned twice")
         seen.add((run.out_dir, run.key))
-        check_runner_flags(f"run {name} seed {seed}", run.flags, "the sweep sets them")
+        check_flags(f"run {name} seed {seed}", run.flags, RUNNER_FLAGS, "is set by the runner for every run")
+        check_out_dir(run.out_dir)
         runs.append(run)
     if not runs:
         print("sweep: nothing to run", flush=True)
@@ -944,4 +1176,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    common.run_cli(lambda: sys.exit(main()))

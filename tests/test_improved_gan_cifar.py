@@ -1,10 +1,12 @@
 """Tests of improved_gan_cifar.py: model definitions, losses, smoke runs of both models on tiny CIFAR-10 pickles,
-resume == uninterrupted, the IS/FID path with a random-weights Inception file, and one-line input errors.
+resume == uninterrupted (weights and evaluation records), the IS/FID path with a random-weights Inception file,
+float32 logits and one input dtype for D under bf16 autocast, and one-line input errors.
 
-The training runs are in-process (main() with a patched sys.argv, one thread) to avoid paying the torch import per
-run; one bad-input case goes through a real subprocess to check the command-line path end to end.
+The training runs are in-process (main(argv), one thread) to avoid paying the torch import per run; one bad-input
+case goes through a real subprocess to check the command-line path end to end.
 """
 
+import hashlib
 import json
 import sys
 
@@ -20,13 +22,12 @@ import improved_gan_cifar as igc
 SCRIPT = "improved_gan_cifar.py"
 
 
-def run_main(monkeypatch, *argv):
-    """Run the script's main() in this process with `argv`; returns nothing, raises what main raises."""
-    monkeypatch.setattr(sys, "argv", [SCRIPT, *map(str, argv)])
+def run_main(*argv):
+    """Run the script's main(argv) in this process with one thread; raises what main raises."""
     old = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        igc.main()
+        igc.main([str(a) for a in argv])
     finally:
         torch.set_num_threads(old)
 
@@ -38,6 +39,10 @@ def tiny_args(data_dir, out_dir, *extra):
 
 def read_jsonl(path):
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def evals(records):
+    return [r for r in records if "test_error" in r]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -114,16 +119,17 @@ def test_losses_match_official_formulas():
     d_fake = torch.exp(lse_g) / (torch.exp(lse_g) + 1)
     torch.testing.assert_close(igc.adversarial_g_loss(lse_g, "minimax"), torch.log1p(-d_fake).mean())
     torch.testing.assert_close(igc.adversarial_g_loss(lse_g, "non-saturating"), -torch.log(d_fake).mean())
+    # feature matching: openai's CIFAR-10 form, the mean absolute difference of the batch means
+    assert igc.FM_FORM == "mean_abs"
     f_real, f_fake = torch.randn(8, 192), torch.randn(5, 192)
-    torch.testing.assert_close(igc.feature_matching_loss(f_real, f_fake),
+    torch.testing.assert_close(common.feature_matching_loss(f_real, f_fake, igc.FM_FORM),
                                (f_real.mean(0) - f_fake.mean(0)).abs().mean())
 
 
-def test_model_presets_and_rejections(monkeypatch):
+def test_model_presets_and_rejections():
     def checked(*argv):
-        monkeypatch.setattr(sys, "argv", [SCRIPT, *argv])
-        args = igc.parse_args()
-        igc.check_args(args)
+        args = igc.parse_args(list(argv))
+        igc.validate_args(args)
         return args
 
     fm = checked()
@@ -135,11 +141,63 @@ def test_model_presets_and_rejections(monkeypatch):
     topk = checked("--topk", "--batch-size", "64")
     assert (topk.mu, topk.gamma) == (32, 0.99)
     assert checked("--model", "minibatch-disc", "--g-steps", "1").g_steps == 1  # a trick overrides its preset
-    for bad in (["--gen-loss", "minimax"], ["--mu", "5"], ["--bottomk"], ["--supervised-only", "--topk"],
-                ["--mbd-kernels", "50"], ["--topk", "--mu", "0"], ["--topk", "--gamma", "1.5"],
-                ["--num-labels", "7"], ["--no-fid", "--fid-weights", "x.pth"]):
+    assert checked("--model", "minibatch-disc", "--no-minibatch-disc").minibatch_disc is False
+    assert checked("--minibatch-disc").mbd_kernels == 100  # the switch turns the layer on in the other preset
+    for bad in (["--gen-loss", "minimax"], ["--mu", "5"], ["--bottomk"], ["--gamma", "0.9"],
+                ["--supervised-only", "--topk"], ["--supervised-only", "--vbn"], ["--mbd-kernels", "50"],
+                ["--topk", "--mu", "0"], ["--topk", "--gamma", "1.5"], ["--num-labels", "7"],
+                ["--no-fid", "--fid-weights", "x.pth"], ["--batch-size", "1"], ["--log-every", "0"],
+                ["--save-every", "-1"], ["--wandb-entity", "me"], ["--vbn", "--sample-bn", "running"]):
         with pytest.raises(common.UserError):
             checked(*bad)
+
+
+def test_save_eval_and_fid_intervals_count_epochs(monkeypatch):
+    import argparse
+    seen, real = [], argparse.ArgumentParser.parse_args
+    monkeypatch.setattr(argparse.ArgumentParser, "parse_args",
+                        lambda self, *a, **k: seen.append(self) or real(self, *a, **k))
+    igc.parse_args([])
+    helps = {a.option_strings[0]: a.help for a in seen[0]._actions if a.option_strings}
+    assert all(helps[flag].startswith("epochs") for flag in ("--save-every", "--eval-every", "--fid-every")), helps
+    assert helps["--log-every"].startswith("steps") and all(a.help for a in seen[0]._actions)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# GPU defects shown on the CPU under bf16 autocast
+# ---------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("mbd", [0, 7])
+def test_d_output_layer_runs_in_float32_under_bf16_autocast(mbd):
+    """The logits that top-k ranks come from a float32 output layer, not a bf16 one rounded afterwards."""
+    torch.manual_seed(0)
+    D = igc.Discriminator(input_dropout=0.0, input_noise=0.0, mbd_kernels=mbd)
+    x = torch.rand(12, 3, 32, 32) * 2 - 1
+    with torch.no_grad():
+        D.train()(x, init=True)
+        D.eval()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            logits, features = D(x)
+        h = features if mbd == 0 else D.mbd(features)
+        expected = D.out(h)  # the same layer outside autocast, on the same (bf16-body) features
+    assert logits.dtype == torch.float32 and features.dtype == torch.float32
+    assert torch.equal(logits, expected)
+    assert not torch.equal(logits, logits.bfloat16().float())  # not bf16 values in a float32 tensor
+
+
+def test_real_and_generated_batches_reach_d_in_one_dtype_under_bf16_autocast(tiny_cifar_dir, tmp_path, monkeypatch):
+    seen = []
+    real_forward = igc.Discriminator.forward
+
+    def spy(self, x, *a, **k):
+        if torch.is_autocast_enabled("cpu"):
+            seen.append(x.dtype)
+        return real_forward(self, x, *a, **k)
+
+    monkeypatch.setattr(igc.Discriminator, "forward", spy)
+    run_main(*tiny_args(tiny_cifar_dir, tmp_path / "runs", "--amp", "bf16", "--max-steps", 2))
+    # per step: the D step's labeled + unlabeled + generated batch, the G step's fakes and its real features;
+    # then the test-error batches
+    assert len(seen) > 6 and set(seen) == {torch.bfloat16}, seen
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -152,21 +210,23 @@ def test_feature_matching_topk_smoke_and_resume(tiny_cifar_dir, tmp_path, monkey
                         or real_select(s, k, largest))
     flags = ["--topk", "--mu", 1, "--save-every", 0, "--hist-avg", 0.01]
     full, part = tmp_path / "full", tmp_path / "part"
-    run_main(monkeypatch, *tiny_args(tiny_cifar_dir, full, "--max-steps", 3, *flags))
+    run_main(*tiny_args(tiny_cifar_dir, full, "--max-steps", 3, *flags))
     run = only_run_dir(full)
     args = json.loads((run / "args.json").read_text())
     assert args["feature_matching"] and not args["minibatch_disc"] and args["torch_version"] == torch.__version__
     assert calls == [((2,), 2, True)] * 3  # one G step per D step, scored by D's realness logit; k = B in epoch 0
     records = read_jsonl(run / "metrics.jsonl")
-    assert [r["step"] for r in records] == [3] and records[0]["k"] == 2 and records[0]["epoch"] == 3 / 20
+    losses = [r for r in records if "loss_lab" in r]
+    assert [r["step"] for r in losses] == [3] and losses[0]["k"] == 2 and losses[0]["epoch"] == 3 / 20
+    assert [r["step"] for r in evals(records)] == [3]
     summary = json.loads((run / "summary.json").read_text())
     assert summary["step"] == 3 and summary["steps_per_epoch"] == 20
-    assert summary["test_error"] == records[0]["test_error"]
+    assert summary["test_error"] == evals(records)[0]["test_error"]
     assert "fid" not in summary  # the feature-matching model does not compute IS/FID by default
     assert (run / "samples" / "step_00000003.png").is_file()
     # the reported test error is that of the averaged D in the checkpoint, recomputed here independently
     a = common.load_checkpoint(run / "checkpoints" / "last.pt")
-    assert a["step"] == 3 and a["k"] == 2
+    assert a["step"] == 3 and a["k"] == 2 and a["ema_updates"] == 3
     D = igc.Discriminator(0.2, 0.0)
     D.load_state_dict(a["ema"])
     x, y = common.load_cifar10(tiny_cifar_dir, train=False, download=False)
@@ -177,38 +237,60 @@ def test_feature_matching_topk_smoke_and_resume(tiny_cifar_dir, tmp_path, monkey
     diff = [(p - q).abs().max().item() for p, q in zip(a["ema"].values(), a["D"].values()) if p.is_floating_point()]
     assert 0 < max(diff) < 1e-2
 
-    # interrupted after 2 steps, resumed to 3: the same weights, averages and logged numbers as the full run
-    run_main(monkeypatch, *tiny_args(tiny_cifar_dir, part, "--max-steps", 2, *flags))
+    # stopped after 2 steps, resumed to 3: the same weights, averages and evaluation records as the full run
+    run_main(*tiny_args(tiny_cifar_dir, part, "--max-steps", 2, *flags))
     ckpt_path = only_run_dir(part) / "checkpoints" / "last.pt"
-    run_main(monkeypatch, *tiny_args(tiny_cifar_dir, part, "--max-steps", 3, "--resume", ckpt_path, *flags))
+    run_main(*tiny_args(tiny_cifar_dir, part, "--max-steps", 3, "--resume", ckpt_path, *flags))
     b = common.load_checkpoint(ckpt_path)
-    assert b["step"] == 3 and len(list(part.iterdir())) == 1
+    assert b["step"] == 3 and b["ema_updates"] == 3 and len(list(part.iterdir())) == 1
     for key in ("D", "G", "ema"):
         for name in a[key]:
             assert torch.equal(a[key][name], b[key][name]), (key, name)
-    assert torch.equal(a["sums"], b["sums"]) and torch.equal(a["hist_g"]["mean"][0], b["hist_g"]["mean"][0])
+    assert torch.equal(a["hist_g"]["mean"][0], b["hist_g"]["mean"][0]) and a["hist_d"]["count"] == b["hist_d"]["count"]
     rb = read_jsonl(only_run_dir(part) / "metrics.jsonl")
-    assert [r["step"] for r in rb] == [2, 3]  # the interrupted run's final evaluation, then the resumed run's
-    for key in ("loss_lab", "loss_unl", "loss_gen", "train_error", "test_error", "k"):
-        assert records[-1][key] == rb[-1][key], key
+    assert [r["step"] for r in evals(rb)] == [2, 3]  # the stopped run's final evaluation, then the resumed run's
+    assert evals(rb)[-1] == evals(records)[-1]
     # a checkpoint from another configuration is refused
     with pytest.raises(common.UserError, match="different configuration"):
-        run_main(monkeypatch, *tiny_args(tiny_cifar_dir, part, "--max-steps", 4, "--resume", ckpt_path))
+        run_main(*tiny_args(tiny_cifar_dir, part, "--max-steps", 4, "--resume", ckpt_path))
 
 
-def test_minibatch_disc_with_fid_and_supervised_baseline(tiny_cifar_dir, tmp_path, monkeypatch):
+def test_resume_across_an_epoch_boundary_equals_the_uninterrupted_run(tmp_path):
+    """A run cut mid-epoch (k and the lr change at the next boundary) continues to the uninterrupted run's weights
+    and evaluation records; --save-every counts epochs."""
+    flags = ["--dataset", "fake", "--fake-size", 21, "--num-labels", 10, "--batch-size", 7, "--epochs", 2,
+             "--lr-decay-start", 0, "--topk", "--mu", 1, "--gamma", 0.5, "--save-every", 1, "--log-every", 1]
+    whole, cut = tmp_path / "whole", tmp_path / "cut"  # 3 steps per epoch
+    run_main(*tiny_args("unused", whole, *flags))
+    run_main(*tiny_args("unused", cut, *flags, "--max-steps", 4))
+    ckpt = only_run_dir(cut) / "checkpoints" / "last.pt"
+    run_main(*tiny_args("unused", cut, *flags, "--resume", ckpt))
+    a = common.load_checkpoint(only_run_dir(whole) / "checkpoints" / "last.pt")
+    b = common.load_checkpoint(ckpt)
+    assert a["step"] == b["step"] == 6
+    for key in ("D", "G", "ema"):
+        assert all(torch.equal(a[key][name], b[key][name]) for name in a[key]), key
+    ra, rb = (read_jsonl(only_run_dir(d) / "metrics.jsonl") for d in (whole, cut))
+    assert evals(ra) == [r for r in evals(rb) if r["step"] != 4]  # less the stopped run's own final evaluation
+    assert [(r["step"], r["k"]) for r in evals(ra)] == [(3, 7), (6, 3)]
+    # one loss line per step here (--log-every 1), so these match too, step for step
+    strip = lambda rs: [{k: v for k, v in r.items() if not k.endswith("per_s")} for r in rs if "loss_lab" in r]  # noqa
+    assert strip(ra) == strip(rb) and [r["lr"] for r in strip(ra)] == [3e-4] * 3 + [1.5e-4] * 3
+
+
+def test_minibatch_disc_with_fid_and_supervised_baseline(tiny_cifar_dir, tmp_path):
     import metrics
     import numpy as np
 
     weights = tmp_path / "inception.pth"
     torch.save(metrics.FIDInceptionV3().state_dict(), weights)
-    # reference statistics cached beforehand under the name the script uses for these weights: it must load them
-    # (not recompute them), which also keeps this test to one Inception pass over 10 samples
-    cache = tiny_cifar_dir / f"fid_stats_cifar10_train_{igc.file_hash(weights)}.npz"
+    # reference statistics cached beforehand under the name the script uses for these weights (the first 10 hex
+    # digits of their sha256): it must load them, not recompute them (one Inception pass over 10 samples only)
+    cache = tiny_cifar_dir / f"fid_stats_cifar10_train_{hashlib.sha256(weights.read_bytes()).hexdigest()[:10]}.npz"
     np.savez(cache, mu=np.zeros(2048), sigma=np.eye(2048))
     out = tmp_path / "runs"
-    run_main(monkeypatch, *tiny_args(tiny_cifar_dir, out, "--model", "minibatch-disc", "--max-steps", 1,
-                                     "--fid-weights", weights, "--fid-samples", 10, "--fid-batch-size", 10))
+    run_main(*tiny_args(tiny_cifar_dir, out, "--model", "minibatch-disc", "--max-steps", 1,
+                        "--fid-weights", weights, "--fid-samples", 10, "--fid-batch-size", 10))
     run = only_run_dir(out)
     summary = json.loads((run / "summary.json").read_text())
     record = read_jsonl(run / "metrics.jsonl")[-1]
@@ -223,25 +305,25 @@ def test_minibatch_disc_with_fid_and_supervised_baseline(tiny_cifar_dir, tmp_pat
 
     # the baseline: same classifier, labeled data only, no generator in the checkpoint
     sup = tmp_path / "sup"
-    run_main(monkeypatch, *tiny_args(tiny_cifar_dir, sup, "--supervised-only", "--max-steps", 1))
+    run_main(*tiny_args(tiny_cifar_dir, sup, "--supervised-only", "--max-steps", 1))
     ckpt = common.load_checkpoint(only_run_dir(sup) / "checkpoints" / "last.pt")
     assert "G" not in ckpt and "test_error" in json.loads((only_run_dir(sup) / "summary.json").read_text())
 
 
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tiny_cifar_dir, tmp_path, monkeypatch):
     calls = []
-    real_loss = igc.feature_matching_loss
+    real_loss = common.feature_matching_loss
 
-    def nan_on_second_step(*a):
+    def nan_on_third_step(*a):
         calls.append(1)
-        return real_loss(*a) * (float("nan") if len(calls) == 2 else 1.0)
+        return real_loss(*a) * (float("nan") if len(calls) == 3 else 1.0)
 
-    monkeypatch.setattr(igc, "feature_matching_loss", nan_on_second_step)
+    monkeypatch.setattr(common, "feature_matching_loss", nan_on_third_step)
     out = tmp_path / "runs"
-    with pytest.raises(common.UserError, match="non-finite loss at step 2 "):
-        run_main(monkeypatch, *tiny_args(tiny_cifar_dir, out, "--max-steps", 3, "--save-every", 1))
-    ckpt = common.load_checkpoint(only_run_dir(out) / "checkpoints" / "last.pt")
-    assert ckpt["step"] == 1 and all(torch.isfinite(v).all() for v in ckpt["G"].values() if v.is_floating_point())
+    with pytest.raises(common.UserError, match=r"non-finite loss_gen \(nan\) at step 3: .*last good checkpoint: "):
+        run_main(*tiny_args(tiny_cifar_dir, out, "--batch-size", 20, "--epochs", 3, "--save-every", 1))
+    ckpt = common.load_checkpoint(only_run_dir(out) / "checkpoints" / "last.pt")  # 2 steps per epoch
+    assert ckpt["step"] == 2 and common.nonfinite_entries(ckpt) == []
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -260,6 +342,7 @@ def test_bad_num_labels_cli(tiny_cifar_dir, tmp_path):
     (["--data-dir", "EMPTY"], "CIFAR-10 not found"),
     (["--amp", "fp16"], "--amp fp16"),
     (["--fid", "--fid-weights", "MISSING.pth"], "--fid-weights"),
+    (["--check-host-sync"], "needs a CUDA device"),
 ])
 def test_bad_input_one_line(tiny_cifar_dir, tmp_path, monkeypatch, capsys, extra, message):
     out = tmp_path / "runs"
@@ -272,3 +355,34 @@ def test_bad_input_one_line(tiny_cifar_dir, tmp_path, monkeypatch, capsys, extra
     err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
     assert len(err) == 1 and message in err[0], err
     assert not out.exists()
+
+
+def test_sigterm_saves_like_ctrl_c_and_a_foreign_folder_is_never_resumed_into(tmp_path, monkeypatch, capsys):
+    import shutil
+    import signal
+
+    real, calls = igc.unsupervised_loss, []
+
+    def term_at_second_step(*a):
+        calls.append(1)
+        if len(calls) == 2:
+            signal.raise_signal(signal.SIGTERM)  # what SLURM and `kill` send
+        return real(*a)
+
+    monkeypatch.setattr(igc, "unsupervised_loss", term_at_second_step)
+    flags = ["--dataset", "fake", "--fake-size", 21, "--num-labels", 10, "--batch-size", 7, "--epochs", 1]
+    out = tmp_path / "runs"
+    with pytest.raises(SystemExit) as info:
+        common.run_cli(lambda: igc.main([str(a) for a in tiny_args("unused", out, *flags)]))
+    assert info.value.code == 130 and "continue with: python improved_gan_cifar.py" in capsys.readouterr().err
+    ckpt = only_run_dir(out) / "checkpoints" / "last.pt"
+    assert common.load_checkpoint(ckpt)["step"] == 2
+    # the checkpoint copied out of its run folder: refused, the folder it sits in left as it was
+    foreign = tmp_path / "backup"
+    foreign.mkdir()
+    shutil.copy(ckpt, foreign / "last.pt")
+    (foreign / "metrics.jsonl").write_text("keep\n")
+    with pytest.raises(common.UserError, match="not inside a run folder"):
+        run_main(*tiny_args("unused", out, *flags, "--resume", foreign / "last.pt"))
+    assert sorted(p.name for p in foreign.iterdir()) == ["last.pt", "metrics.jsonl"]
+    assert (foreign / "metrics.jsonl").read_text() == "keep\n"

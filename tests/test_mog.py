@@ -3,6 +3,8 @@
 import argparse
 import json
 import os
+import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -137,25 +139,114 @@ def test_every_trick_with_topk_runs_on_the_autograd_step(tmp_path):
     assert all(np.isfinite(summary[key]) for key in ("high_quality", "modes_recovered", "reverse_kl"))
 
 
-def test_resume_equals_uninterrupted(tmp_path):
+def weights(run):
+    state = torch.load(run / "checkpoints" / "last.pt", weights_only=True)
+    return {f"{net}.{key}": value for net in ("G", "D") for key, value in state[net].items()}
+
+
+def eval_records(run):
+    return [r for r in read_jsonl(run / "metrics.jsonl") if "eval/high_quality" in r]
+
+
+def assert_same_run(a, b):
+    """The weights, evaluation records and final samples of run folders a and b are identical."""
+    wa, wb = weights(a), weights(b)
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[key], wb[key]) for key in wa)
+    assert eval_records(a) == eval_records(b)
+    np.testing.assert_array_equal(np.load(a / "samples.npz")["samples"], np.load(b / "samples.npz")["samples"])
+
+
+@pytest.mark.parametrize("fast_step", [True, False], ids=["fast-step", "autograd"])
+def test_resume_gives_the_weights_and_evaluations_of_an_uninterrupted_run(tmp_path, fast_step):
     common_flags = [*TINY, "--n-modes", "4", "--iterations", "40", "--topk", "--iters-per-epoch", "10",
-                    "--log-every", "10", "--eval-every", "20", "--save-every", "20"]
+                    "--log-every", "10", "--eval-every", "20", "--save-every", "20",
+                    "--fast-step" if fast_step else "--no-fast-step"]
     run_script("mog_topk.py", *common_flags, "--out-dir", tmp_path / "a", check=True, timeout=600)
     run_script("mog_topk.py", *common_flags, "--max-steps", "20", "--out-dir", tmp_path / "b", check=True, timeout=600)
     b = only_run_dir(tmp_path / "b")
     run_script("mog_topk.py", *common_flags, "--out-dir", tmp_path / "b", "--resume",
                b / "checkpoints" / "last.pt", check=True, timeout=600)
-    a = only_run_dir(tmp_path / "a")
     assert only_run_dir(tmp_path / "b") == b
-    np.testing.assert_array_equal(np.load(a / "samples.npz")["samples"], np.load(b / "samples.npz")["samples"])
-    strip = lambda rows: [{k: v for k, v in r.items() if k != "it_per_s"} for r in rows]  # noqa: E731
-    assert strip(read_jsonl(a / "metrics.jsonl")) == strip(read_jsonl(b / "metrics.jsonl"))
-    assert json.loads((b / "summary.json").read_text())["step"] == 40
+    assert_same_run(only_run_dir(tmp_path / "a"), b)
+    summary = json.loads((b / "summary.json").read_text())
+    assert summary["step"] == 40 and summary["resumed_from_step"] == 20 and summary["fast_step"] is fast_step
+
+
+def _signal_at_step(monkeypatch, sig, step):
+    """Send `sig` to this process in the middle of training step `step` (sample_real runs once per step)."""
+    real, calls = mog_topk.sample_real, []
+
+    def hooked(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == step:
+            signal.raise_signal(sig)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(mog_topk, "sample_real", hooked)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_a_stop_inside_a_log_window_resumes_to_the_uninterrupted_weights_and_evaluations(sig, tmp_path, monkeypatch):
+    """Ctrl-C or SIGTERM (what SLURM sends) at step 13 of 30, in the middle of a log window and between checkpoints:
+    a checkpoint at 13 and exit status 130; the resumed run ends with the uninterrupted run's weights, evaluation
+    records and samples (its loss line of steps 11-20 is split at the stop)."""
+    flags = [*TINY, "--n-modes", "4", "--iterations", "30", "--topk", "--iters-per-epoch", "10", "--gamma", "0.5",
+             "--log-every", "10", "--eval-every", "10", "--save-every", "20"]
+    old = signal.getsignal(signal.SIGTERM)
+    try:
+        mog_topk.main([*flags, "--out-dir", str(tmp_path / "whole")])
+        with monkeypatch.context() as m:
+            _signal_at_step(m, sig, 13)
+            with pytest.raises(common.Interrupted, match="stopped at step 13"):
+                mog_topk.main([*flags, "--out-dir", str(tmp_path / "cut")])
+    finally:
+        signal.signal(signal.SIGTERM, old)
+    cut = only_run_dir(tmp_path / "cut")
+    assert torch.load(cut / "checkpoints" / "last.pt", weights_only=True)["step"] == 13
+    assert not (cut / "summary.json").exists()
+    mog_topk.main([*flags, "--out-dir", str(tmp_path / "cut"), "--resume", str(cut / "checkpoints" / "last.pt")])
+    assert_same_run(only_run_dir(tmp_path / "whole"), cut)
+    assert [r["step"] for r in read_jsonl(cut / "metrics.jsonl") if "loss_d" in r] == [10, 13, 20, 30]
+
+
+def test_a_generator_state_saved_on_cuda_resumes_on_the_cpu_reseeded_with_a_note(tmp_path, capsys):
+    """The training batches come from a device generator; a CUDA generator's state (16 bytes) does not fit a CPU
+    one (5,056 bytes), so a checkpoint made on a GPU continues on the CPU from a reseeded generator, saying so."""
+    flags = [*TINY, "--n-modes", "4", "--iterations", "20", "--log-every", "10", "--eval-every", "10",
+             "--save-every", "10", "--out-dir", str(tmp_path)]
+    mog_topk.main([*flags, "--max-steps", "10"])
+    path = only_run_dir(tmp_path) / "checkpoints" / "last.pt"
+    state = torch.load(path, weights_only=True)
+    assert state["gen"]["device"] == "cpu" and state["gen"]["state"].numel() == 5056
+    state["gen"] = {"device": "cuda", "state": torch.zeros(16, dtype=torch.uint8)}
+    common.save_checkpoint(path, state)
+    capsys.readouterr()
+    mog_topk.main([*flags, "--resume", str(path)])
+    err = capsys.readouterr().err
+    assert "note: gen was saved on cuda, this run draws on cpu: reseeded" in err and "not bit-identical" in err
+    assert json.loads((path.parent.parent / "summary.json").read_text())["step"] == 20
+
+
+def test_resume_of_a_checkpoint_outside_its_run_folder_touches_nothing(short_run, tmp_path, capsys):
+    backup = tmp_path / "backup"
+    backup.mkdir()
+    shutil.copy(short_run / "checkpoints" / "last.pt", backup / "last.pt")
+    (backup / "metrics.jsonl").write_text('{"step": 1, "mine": true}\n')
+    (backup / "summary.json").write_text("{}\n")
+    before = {p.name: p.read_bytes() for p in backup.iterdir()}
+    flags = [*TINY, "--n-modes", "25", "--iterations", "60", "--topk", "--mu", "10", "--gamma", "0.5",
+             "--iters-per-epoch", "10", "--log-every", "10", "--eval-every", "25", "--save-every", "25"]
+    with pytest.raises(SystemExit) as info:
+        common.run_cli(lambda: mog_topk.main([*flags, "--resume", str(backup / "last.pt")]))
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert info.value.code == 2 and len(err) == 1 and "not inside a run folder" in err[0], err
+    assert {p.name: p.read_bytes() for p in backup.iterdir()} == before
 
 
 BAD_FLAGS = {"mu 0": ["--topk", "--mu", "0"], "mu > batch": ["--topk", "--mu", "65"],
              "gamma 1.5": ["--topk", "--gamma", "1.5"], "negative iterations": ["--iterations", "-5"],
-             "30 modes": ["--n-modes", "30"], "bottomk without topk": ["--bottomk"]}
+             "30 modes": ["--n-modes", "30"], "bottomk without topk": ["--bottomk"],
+             "mbd kernels without minibatch-disc": ["--mbd-kernels", "8"]}
 
 
 def test_bad_flags_one_line_error(tmp_path):
@@ -176,7 +267,7 @@ def test_bad_flags_one_line_error(tmp_path):
         line = assert_one_line_error(subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr))
         assert line.startswith("error: "), name
         if name == "diverges":
-            assert "non-finite loss at iteration" in line, line
+            assert "non-finite loss_" in line and " at step " in line and "last good checkpoint" in line, line
             assert not (only_run_dir(nan_out) / "summary.json").exists()
         else:
             assert not (tmp_path / name.replace(" ", "_")).exists(), name  # nothing written before validation
@@ -258,6 +349,34 @@ def test_setup_fills_only_the_settings_not_given(name):
     # differ only in the k schedule have equal arguments
     g = mog_topk.parse_args(["--setup", name])
     assert (g.iters_per_epoch, g.mu) == (500, 128) and g.grid_spacing == want["grid_spacing"]
+
+
+@pytest.mark.parametrize("flags, refused", [
+    (["--mu", "5"], "--mu only applies with --topk"), (["--gamma", "0.5"], "--gamma only applies with --topk"),
+    (["--bottomk"], "--bottomk only applies with --topk"),
+    (["--iters-per-epoch", "7"], "--iters-per-epoch only applies with --topk"),
+    (["--setup", "slowk", "--iters-per-epoch", "7"], "--iters-per-epoch only applies with --topk"),
+    (["--mbd-kernels", "8"], "only apply with --minibatch-disc"), (["--mbd-dim", "3"], "only apply with --minibatch-disc"),
+    (["--minibatch-disc", "--mbd-kernels", "0"], "--mbd-kernels and --mbd-dim must be at least 1"),
+    (["--topk", "--iters-per-epoch", "0"], "--iters-per-epoch must be a positive integer")])
+def test_switch_dependent_flags_are_refused_without_their_switch(flags, refused):
+    with pytest.raises(common.UserError, match=refused):
+        mog_topk.parse_args(flags)
+
+
+def test_a_switch_that_is_off_resolves_to_the_values_the_study_runs_recorded():
+    """Without --topk (--minibatch-disc) the k schedule (the kernels) is unused, and every setup gives the values in
+    the args.json of the committed study runs, so the sweep still finds those run folders its own."""
+    recorded = json.loads(next((REPO / "results" / "mog" / "study" / "all").glob("mog25_gan__1__*/args.json"))
+                          .read_text())
+    resolved = vars(mog_topk.parse_args(["--setup", "all"]))
+    for key in ("mu", "gamma", "iters_per_epoch", "mbd_kernels", "mbd_dim", "grid_spacing", "hidden_layers",
+                "beta1", "beta2"):
+        assert resolved[key] == recorded[key], key
+    topk = mog_topk.parse_args(["--setup", "all", "--topk"])
+    assert (topk.mu, topk.gamma, topk.iters_per_epoch) == (192, 0.99, 2000)
+    mbd = mog_topk.parse_args(["--minibatch-disc", "--mbd-dim", "3"])
+    assert (mbd.mbd_kernels, mbd.mbd_dim) == (100, 3)
 
 
 def test_default_setup_is_the_studys_choice_and_unknown_setups_are_refused(capsys):

@@ -23,10 +23,13 @@ ITER = 50000
 
 
 def fake_run(out_root, config, variant, seed, hq, modes, rkl=0.5, resumed_from_step=0, it_per_s=50.0):
-    """A finished run folder as mog_topk.py leaves it (only what the report reads). wall_time_s and it_per_s are
-    those of the run's last process, as in mog_topk.py: a resumed run's wall time covers only its last part."""
+    """A finished run folder as mog_topk.py leaves it (only what the report reads; args.json names the run, since
+    run folders are matched by it). wall_time_s and it_per_s are those of the run's last process, as in
+    mog_topk.py: a resumed run's wall time covers only its last part."""
     folder = sweep.cell_folder(out_root, config, variant) / f"mog25_{variant}__{seed}__{1000 + seed}"
     folder.mkdir(parents=True)
+    (folder / "args.json").write_text(json.dumps({"exp_name": f"mog25_{variant}", "seed": seed,
+                                                  "command": f"mog_topk.py --seed {seed}"}))
     (folder / "summary.json").write_text(json.dumps({"step": ITER, "seed": seed, "high_quality": hq / 100,
                                                      "modes_recovered": modes / 100, "reverse_kl": rkl,
                                                      "resumed_from_step": resumed_from_step, "it_per_s": it_per_s,
