@@ -294,7 +294,7 @@ def optimise(opt: torch.optim.Optimizer, loss: torch.Tensor, scaler=None) -> Non
 
 
 def train_step(G, D, opt_d, opt_g, x_real, z, k, args, z_ref=None, hist=(None, None), scalers=(None, None),
-               g_loss=generator_loss):
+               g_loss=None):
     """One D update, then one G update on the same fakes scored by the updated D; hist and scalers: the (D, G)
     historical averages and fp16 GradScalers (None: off). Returns the step's scalars, on the device (no sync)."""
     (hist_d, hist_g), (scaler_d, scaler_g) = hist, scalers
@@ -323,7 +323,7 @@ def train_step(G, D, opt_d, opt_g, x_real, z, k, args, z_ref=None, hist=(None, N
         d_gen, feat_gen = D(fake)
         # ALGO LOGIC: feature matching against the updated D's features of the real batch (D frozen: no graph)
         feat_real = D(x_real)[1] if args.feature_matching else None
-        loss_g = g_loss(d_gen, k, args.bottomk, feat_gen, feat_real)
+        loss_g = (g_loss or generator_loss)(d_gen, k, args.bottomk, feat_gen, feat_real)
         if hist_g is not None:  # ALGO LOGIC: historical averaging
             loss_g = loss_g + args.hist_avg * hist_g.penalty(G)
     optimise(opt_g, loss_g, scaler_g)
