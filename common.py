@@ -1030,7 +1030,7 @@ class _StopRequest:
                 pass
 
     def _handle(self, signum, frame):
-        if self.requested:
+        if self.requested and signum == signal.SIGINT:  # a repeated SIGTERM (a group and a forwarded one) waits
             raise KeyboardInterrupt
         self.requested = True
 
