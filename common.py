@@ -1016,7 +1016,7 @@ def check_run_flags(args) -> None:
 
 class _StopRequest:
     """Ctrl-C (SIGINT) and SIGTERM (what SLURM and `kill` send) as a request to stop at the next step boundary.
-    A second signal interrupts at once (KeyboardInterrupt), for a step that never ends. Only the main thread can
+    A second Ctrl-C interrupts at once (KeyboardInterrupt), for a step that never ends; a repeated SIGTERM does not. Only the main thread can
     install handlers; elsewhere the signals keep their default behaviour."""
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM)

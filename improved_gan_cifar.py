@@ -31,12 +31,10 @@ Departures from the official code (none changes the model or the losses):
 from __future__ import annotations
 
 import argparse
-import contextlib
 import functools
 import math
 from pathlib import Path
 from types import SimpleNamespace
-from unittest import mock
 
 import numpy as np
 import torch
@@ -176,7 +174,7 @@ class Discriminator(nn.Module):
     def forward(self, x: torch.Tensor, groups: int = 1, init: bool = False):
         """`groups`: x holds that many equal-size batches, which the minibatch layer sees separately."""
         features = self.body(self.input_dropout(self.input_noise(x))).float().mean((2, 3))
-        with torch.autocast(x.device.type, enabled=False):
+        with torch.autocast("cuda" if x.is_cuda else "cpu", enabled=False):  # (also on meta)
             if self.mbd is not None and init:
                 init_minibatch_disc(self.mbd, features)
             h = features if self.mbd is None else torch.cat([self.mbd(part) for part in features.chunk(groups)])
@@ -231,13 +229,11 @@ def generate(G, z, z_ref=None):
 
 
 def fit_step(args):
-    """D, G and one training step's forwards for common.check_fits (meta device; eval mode: no weight-norm init;
-    torch.autocast has no meta device, so the layers that switch it off meet a no-op)."""
-    with mock.patch.object(torch, "autocast", lambda *a, **k: contextlib.nullcontext()):
-        D, G = build_models(args)
-        z, real = torch.zeros(args.batch_size, 100), torch.zeros((1 if G is None else 2) * args.batch_size, 3, 32, 32)
-        fake = [] if G is None else [generate(G.eval(), z, z if args.vbn else None)]
-        D.eval()(torch.cat([real, *fake]), groups=1 if G is None else 3)
+    """D, G and one training step's forwards for common.check_fits (meta device; eval mode: no weight-norm init)."""
+    D, G = build_models(args)
+    z, real = torch.zeros(args.batch_size, 100), torch.zeros((1 if G is None else 2) * args.batch_size, 3, 32, 32)
+    fake = [] if G is None else [generate(G.eval(), z, z if args.vbn else None)]
+    D.eval()(torch.cat([real, *fake]), groups=1 if G is None else 3)
     return [D] if G is None else [D, G]
 
 
