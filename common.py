@@ -588,14 +588,18 @@ def seed_everything(seed: int, torch_deterministic: bool = False) -> None:
     torch.backends.cudnn.allow_tf32 = not torch_deterministic
 
 
-def pick_device(spec: str) -> torch.device:
-    """`auto` → cuda if available else cpu; `cpu`, `cuda`, `cuda:N` as given, checked to exist."""
-    if spec == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+def pick_device(spec: str, check_host_sync: bool = False, amp: str = "off") -> torch.device:
+    """`auto` → cuda if available else cpu; `cpu`, `cuda`, `cuda:N` as given, checked to exist. The CUDA-only
+    `--check-host-sync` and `--amp fp16` are refused on a CPU here, before anything is written."""
     try:
-        device = torch.device(spec)
+        device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if spec == "auto" else spec)
     except RuntimeError:
         raise UserError(f"--device {spec!r} is not a device (use auto, cpu, cuda or cuda:N)") from None
+    if device.type != "cuda" and check_host_sync:
+        raise UserError("--check-host-sync needs a CUDA device")
+    autocast(device, amp)  # refuses --amp fp16 on a CPU
+    if spec == "auto":
+        return device
     if device.type == "cuda":
         if not torch.cuda.is_available():
             raise UserError(f"--device {spec} asked for CUDA but no CUDA GPU is available (use --device cpu)")

@@ -347,21 +347,12 @@ def sample(G, z, args, z_ref) -> torch.Tensor:
     return images
 
 
-def save_grid(images: torch.Tensor, path: Path, pad: int = 2) -> None:
-    """Float images (N, 3, H, W) in [-1, 1] as a near-square PNG grid, `pad` black pixels around each (Pillow)."""
-    from PIL import Image
-    x = ((images.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-    (n, c, h, w), ncol = x.shape, math.ceil(math.sqrt(len(x)))
-    nrow = math.ceil(n / ncol)
-    x = F.pad(torch.cat([x, x.new_zeros(nrow * ncol - n, c, h, w)]), (pad, 0, pad, 0))  # top and left of each
-    x = x.view(nrow, ncol, c, h + pad, w + pad).permute(0, 3, 1, 4, 2).reshape(nrow * (h + pad), ncol * (w + pad), c)
-    Image.fromarray(F.pad(x, (0, 0, 0, pad, 0, pad)).numpy()).save(path)
-
-
 def evaluate(G, args, fixed_noise, z_ref, fid_ref, n_samples: int, png: Path, seed: int) -> dict:
     """The fixed-noise grid as `png`; with FID on (fid_ref = Inception, mu, sigma), FID and IS of n_samples fresh
     samples from their own generator seeded `seed` (the training RNG never moves)."""
-    save_grid(sample(G, fixed_noise, args, z_ref), png)
+    from torchvision.utils import save_image  # at the first grid: a run's start-up does not import torchvision
+    grid = sample(G, fixed_noise, args, z_ref)
+    save_image(grid * 0.5 + 0.5, png, nrow=math.ceil(math.sqrt(len(grid))))
     if fid_ref is None:
         return {}
     import metrics
@@ -379,11 +370,7 @@ def evaluate(G, args, fixed_noise, z_ref, fid_ref, n_samples: int, png: Path, se
 def main(argv=None):
     args = parse_args(argv)
     validate_args(args)
-    device = common.pick_device(args.device)
-    if args.amp == "fp16" and device.type != "cuda":
-        raise common.UserError("--amp fp16 needs a CUDA device (use --amp bf16 on CPU)")
-    if args.check_host_sync and device.type != "cuda":
-        raise common.UserError("--check-host-sync needs a CUDA device")
+    device = common.pick_device(args.device, args.check_host_sync, args.amp)
     # sizes whose memory cannot exist are refused before anything is loaded or written, naming their flags
     samples = 4 * args.grid_size * (args.nz + 3072) + (4 * 9 * 299 * 299 * args.fid_batch_size if args.fid else 0)
     common.check_fits(device, "G, D and a training step (--ngf, --ndf, --nz, --batch-size, --mbd-kernels x --mbd-dim)",

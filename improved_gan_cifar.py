@@ -340,11 +340,8 @@ def main(argv=None):
     args = parse_args(argv)
     validate_args(args)
     common.seed_everything(args.seed, args.torch_deterministic)
-    device = common.pick_device(args.device)
+    device = common.pick_device(args.device, args.check_host_sync, args.amp)
     amp = functools.partial(common.autocast, device, args.amp)
-    amp()  # refuses --amp fp16 on the CPU now
-    if args.check_host_sync and device.type != "cuda":
-        raise common.UserError("--check-host-sync needs a CUDA device")
     # sizes whose memory cannot exist are refused here, naming their flags, before anything is written
     needs = {"--dataset fake (--fake-size)": 6144 * (args.fake_size or 0), "IS/FID (--fid-batch-size, --fid-samples)":
              4 * (9 * 299 * 299 * args.fid_batch_size + 1008 * args.fid_samples) if args.fid else 0}

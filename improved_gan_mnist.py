@@ -340,10 +340,7 @@ def train_step(m: SimpleNamespace, args, xl, yl, xu, xr, k: int) -> dict[str, to
 def main(argv=None):
     args = parse_args(argv)
     validate_args(args)
-    device = common.pick_device(args.device)
-    common.autocast(device, args.amp)  # refuses --amp fp16 on the CPU before anything is written
-    if args.check_host_sync and device.type != "cuda":
-        raise common.UserError("--check-host-sync needs a CUDA device")
+    device = common.pick_device(args.device, args.check_host_sync, args.amp)
     # sizes whose memory cannot exist are refused here, naming their flags (one step counted on the meta device)
     common.check_fits(device, "the models and one training step (--batch-size; --mbd-kernels x --mbd-dim)",
                       lambda: fit_step(args), {"the fake data set (--fake-size)": 4 * 784 * 2 * (args.fake_size or 0)})

@@ -357,9 +357,7 @@ def evaluate(run, step: int, k: int, args, G, z_eval, centers, size: int = 560):
 
 def main(argv=None):
     args = parse_args(argv)
-    device = common.pick_device(args.device)
-    if args.check_host_sync and device.type != "cuda":
-        raise common.UserError("--check-host-sync needs a CUDA device")
+    device = common.pick_device(args.device, args.check_host_sync)
     B = args.batch_size
 
     def one_step_forward():  # G, D and one iteration's forward passes at full size, run on the meta device

@@ -437,12 +437,7 @@ def main(argv=None) -> int:
     lines += confirm_section(resolve(args.confirm_dir), args.sweep_ended)
     lines += convergence_section(resolve(args.convergence_dir), resolve(args.study_dir), png)
     lines += lockin_section(resolve(args.study_dir))
-    text = "\n".join(lines).rstrip() + "\n"
-    while "\n\n\n" in text:
-        text = text.replace("\n\n\n", "\n\n")
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "confirm.md").write_text(text)
-    print(text)
+    ms.write_report(lines, out / "confirm.md")
     return 0
 
 

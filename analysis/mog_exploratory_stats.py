@@ -297,10 +297,7 @@ def main(argv=None) -> int:
     lines += mnist_section(resolve(args.mnist))
     lines += hq_section(study)
     lines += convergence_note(study)
-    text = "\n".join(lines).rstrip() + "\n"
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "exploratory.md").write_text(text)
-    print(text)
+    ms.write_report(lines, out / "exploratory.md")
     return 0
 
 

@@ -274,3 +274,13 @@ def fmt_p(p: float | None) -> str:
     if p is None or (isinstance(p, float) and math.isnan(p)):
         return "–"
     return f"{p:.3f}" if p >= 0.001 or p == 0 else f"{p:.1e}"
+
+
+def write_report(lines: list[str], path: Path) -> None:
+    """Markdown lines as `path` (at most one blank line in a row; its folder is made) and on stdout."""
+    text = "\n".join(lines).rstrip() + "\n"
+    while "\n\n\n" in text:
+        text = text.replace("\n\n\n", "\n\n")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    print(text)

@@ -1298,14 +1298,18 @@ def worker_probe(argv: list[str]) -> int:
     return code
 
 
+def _worker_options(name: str, argv: list[str], **ints) -> argparse.Namespace:
+    """A worker's options: --device (default cuda) and one integer flag per keyword (its default)."""
+    p = argparse.ArgumentParser(prog=f"gpu_report.py --worker {name}")
+    p.add_argument("--device", default="cuda")
+    for key, default in ints.items():
+        p.add_argument("--" + key.replace("_", "-"), type=int, default=default)
+    return p.parse_args(argv)
+
+
 def worker_reference(argv: list[str]) -> int:
     """benchmarks/bench_dcgan.py's reference loop (pytorch/examples dcgan: DataLoader, fp32, eager)."""
-    p = argparse.ArgumentParser(prog="gpu_report.py --worker reference")
-    p.add_argument("--device", default="cuda")
-    p.add_argument("--warmup", type=int, default=100)
-    p.add_argument("--steps", type=int, default=400)
-    p.add_argument("--workers", type=int, default=2)
-    opts = p.parse_args(argv)
+    opts = _worker_options("reference", argv, warmup=100, steps=400, workers=2)
     sys.path[:0] = [str(REPO), str(REPO / "benchmarks")]
     import torch
 
@@ -1329,12 +1333,7 @@ def worker_fid(argv: list[str]) -> int:
     """The scripts' FID pass (metrics.evaluate_generator: generated batches of 250 -> uint8 -> Inception -> moments,
     IS, Fréchet distance) over --samples images, with random Inception weights written to a file and read back
     through metrics.load_inception as --fid-weights is. Timing only."""
-    p = argparse.ArgumentParser(prog="gpu_report.py --worker fid")
-    p.add_argument("--device", default="cuda")
-    p.add_argument("--samples", type=int, default=10_000)
-    p.add_argument("--batch-size", type=int, default=250)
-    p.add_argument("--warmup-samples", type=int, default=500)
-    opts = p.parse_args(argv)
+    opts = _worker_options("fid", argv, samples=10_000, batch_size=250, warmup_samples=500)
     sys.path.insert(0, str(REPO))
     import torch
 

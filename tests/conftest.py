@@ -111,3 +111,18 @@ def assert_one_line_error(proc: subprocess.CompletedProcess) -> str:
     assert "Traceback" not in proc.stderr, proc.stderr[-2000:]
     assert len(lines) == 1, f"expected one error line, got: {proc.stderr[-1500:]}"
     return lines[0]
+
+
+def cli(main, argv, capsys) -> subprocess.CompletedProcess:
+    """`main(argv)` run in this process through common.run_cli, the command line's error path, instead of a new
+    interpreter (whose start-up costs seconds): a CompletedProcess with the exit status, stdout and stderr."""
+    import common
+
+    capsys.readouterr()
+    try:
+        common.run_cli(lambda: main([str(a) for a in argv]))
+        code = 0
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    out, err = capsys.readouterr()
+    return subprocess.CompletedProcess(["main", *map(str, argv)], code, out, err)

@@ -87,26 +87,20 @@ def test_dcgan(tmp_path, mode):
     assert_finished_with_changing_k(the_run(tmp_path))
 
 
-@pytest.mark.parametrize("mode", MODES)
-def test_improved_gan_mnist(tmp_path, mode):
-    run_cuda(MNIST, tmp_path, *MODES[mode])
+@pytest.mark.parametrize("script, mode", [(MNIST, m) for m in MODES] + [(CIFAR, m) for m in IMAGE_MODES],
+                         ids=[f"mnist-{m}" for m in MODES] + [f"cifar-{m}" for m in IMAGE_MODES])
+def test_improved_gan(tmp_path, script, mode):
+    run_cuda(script, tmp_path, *(MODES if script == MNIST else IMAGE_MODES)[mode])
     assert_finished_with_changing_k(the_run(tmp_path))
 
 
-def test_improved_gan_mnist_compiled_bf16_on_an_explicit_device_index(tmp_path):
-    """--device cuda:N (the last GPU): the run's CUDA calls name its device; compiled G and D, bf16 logits in fp32."""
-    run_cuda(MNIST, tmp_path, "--compile", "--amp", "bf16", device=f"cuda:{torch.cuda.device_count() - 1}")
-    assert_finished_with_changing_k(the_run(tmp_path))
-
-
-@pytest.mark.parametrize("mode", IMAGE_MODES)
-def test_improved_gan_cifar(tmp_path, mode):
-    run_cuda(CIFAR, tmp_path, *IMAGE_MODES[mode])
-    assert_finished_with_changing_k(the_run(tmp_path))
-
-
-def test_improved_gan_cifar_minibatch_disc_model_compiled(tmp_path):
-    run_cuda(CIFAR, tmp_path, "--model", "minibatch-disc", "--mbd-kernels", "8", "--compile", "--amp", "bf16")
+@pytest.mark.parametrize("script, flags", [(MNIST, ()), (CIFAR, ("--model", "minibatch-disc", "--mbd-kernels", "8"))],
+                         ids=["mnist-last-device-index", "cifar-minibatch-disc"])
+def test_improved_gan_compiled_bf16(tmp_path, script, flags):
+    """Compiled G and D, bf16 logits in fp32. MNIST on --device cuda:N (the last GPU): its CUDA calls name the
+    device; CIFAR with the minibatch-discrimination model."""
+    device = f"cuda:{torch.cuda.device_count() - 1}" if script == MNIST else "cuda"
+    run_cuda(script, tmp_path, *flags, "--compile", "--amp", "bf16", device=device)
     assert_finished_with_changing_k(the_run(tmp_path))
 
 

@@ -14,7 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import REPO, assert_one_line_error, only_run_dir, run_script
+from conftest import REPO, assert_one_line_error, cli, only_run_dir, run_script
 
 import common
 import metrics
@@ -249,28 +249,19 @@ BAD_FLAGS = {"mu 0": ["--topk", "--mu", "0"], "mu > batch": ["--topk", "--mu", "
              "mbd kernels without minibatch-disc": ["--mbd-kernels", "8"]}
 
 
-def test_bad_flags_one_line_error(tmp_path):
-    # the six processes run side by side (interpreter start-up dominates their run time)
-    env = dict(os.environ, CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1")
-    procs = {name: subprocess.Popen([sys.executable, str(REPO / "mog_topk.py"), *TINY, *flags, "--out-dir",
-                                     str(tmp_path / name.replace(" ", "_"))], cwd=REPO, env=env, text=True,
-                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-             for name, flags in BAD_FLAGS.items()}
-    # and a run that diverges (absurd learning rates): stopped at the first non-finite loss, named in one line
-    nan_out = tmp_path / "diverges"
-    procs["diverges"] = subprocess.Popen(
-        [sys.executable, str(REPO / "mog_topk.py"), *TINY, "--lr-g", "1e30", "--lr-d", "1e30", "--iterations", "30",
-         "--log-every", "10", "--eval-every", "10", "--out-dir", str(nan_out)], cwd=REPO, env=env, text=True,
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    for name, proc in procs.items():
-        stdout, stderr = proc.communicate(timeout=600)
-        line = assert_one_line_error(subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr))
-        assert line.startswith("error: "), name
-        if name == "diverges":
-            assert "non-finite loss_" in line and " at step " in line and "last good checkpoint" in line, line
-            assert not (only_run_dir(nan_out) / "summary.json").exists()
-        else:
-            assert not (tmp_path / name.replace(" ", "_")).exists(), name  # nothing written before validation
+@pytest.mark.parametrize("name", [*BAD_FLAGS, "diverges"])
+def test_bad_flags_one_line_error(tmp_path, capsys, name):
+    # "diverges": absurd learning rates, stopped at the first non-finite loss, named in one line
+    flags = BAD_FLAGS.get(name) or ["--lr-g", "1e30", "--lr-d", "1e30", "--iterations", "30", "--log-every", "10",
+                                    "--eval-every", "10"]
+    out = tmp_path / name.replace(" ", "_")
+    line = assert_one_line_error(cli(mog_topk.main, [*TINY, *flags, "--out-dir", out], capsys))
+    assert line.startswith("error: "), name
+    if name == "diverges":
+        assert "non-finite loss_" in line and " at step " in line and "last good checkpoint" in line, line
+        assert not (only_run_dir(out) / "summary.json").exists()
+    else:
+        assert not out.exists(), name  # nothing written before validation
 
 
 def test_update_direction_analysis(short_run, tmp_path):
