@@ -1020,8 +1020,8 @@ def check_run_flags(args) -> None:
 
 class _StopRequest:
     """Ctrl-C (SIGINT) and SIGTERM (what SLURM and `kill` send) as a request to stop at the next step boundary.
-    A second Ctrl-C interrupts at once (KeyboardInterrupt), for a step that never ends; a repeated SIGTERM does not. Only the main thread can
-    install handlers; elsewhere the signals keep their default behaviour."""
+    A second Ctrl-C interrupts at once (KeyboardInterrupt), for a step that never ends; a repeated SIGTERM does
+    not. Only the main thread can install handlers; elsewhere the signals keep their default behaviour."""
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
@@ -1090,7 +1090,8 @@ class Run:
             check_out_dir(args.out_dir, args.exp_name)
             return
         self.ckpt = load_checkpoint(args.resume)
-        check_resume_config(self.ckpt["args"], args, self.FREE | set(allowed), f"--resume {args.resume}: the checkpoint")
+        free = self.FREE | set(allowed)
+        check_resume_config(self.ckpt["args"], args, free, f"--resume {args.resume}: the checkpoint")
         # only into the run folder the checkpoint belongs to: <run>/checkpoints/x.pt beside <run>/args.json
         path = Path(args.resume).resolve()
         meta = path.parent.parent / "args.json"
@@ -1103,7 +1104,7 @@ class Run:
             raise UserError(f"--resume {args.resume}: cannot read {meta} ({describe(e)})") from None
         if not isinstance(saved, dict):
             raise UserError(f"--resume {args.resume}: {meta} is not a run folder's args.json")
-        check_resume_config(saved, args, self.FREE | set(allowed), f"--resume {args.resume}: its run folder")
+        check_resume_config(saved, args, free, f"--resume {args.resume}: its run folder")
         self.dir = path.parent.parent
 
     def register(self, **objects) -> None:
@@ -1157,7 +1158,8 @@ class Run:
         self._stop = _StopRequest()
         self.start_step, self._wall0 = self.step, time.time()
         self._t = self._t_print = time.perf_counter()
-        self._smooth, self._recent, self._proc = None, (0.0, 0.0), [0, 0.0]  # shown rate; (steps, s) recent, this process
+        # the shown rate; recent (steps, seconds), decayed; this process's (steps, seconds)
+        self._smooth, self._recent, self._proc = None, (0.0, 0.0), [0, 0.0]
         print(f"run folder {self.dir}" + (f" | resumed at {unit} {self.step}" if self.ckpt is not None else ""),
               flush=True)
         return extra
@@ -1435,7 +1437,7 @@ def load_cifar10(data_dir: str | Path, train: bool = True, download: bool = True
     try:
         images, labels = zip(*[_read_cifar_batch(folder / n) for n in names])
     except Exception as e:  # a damaged pickle can raise almost anything (LookupError, OverflowError, MemoryError, ...)
-        raise UserError(f"corrupt CIFAR-10 file in {folder}: {type(e).__name__}: {str(e)[:200]}".splitlines()[0]) from None
+        raise UserError(f"corrupt CIFAR-10 file in {folder}: {describe(e)}") from None
     return torch.from_numpy(np.concatenate(images)), torch.from_numpy(np.concatenate(labels))
 
 
@@ -1450,7 +1452,8 @@ def load_mnist(data_dir: str | Path, train: bool = True, download: bool = True) 
     try:
         ds = MNIST(str(data_dir), train=train, download=False)
     except RuntimeError as e:
-        if all((raw / f"{s}-{kind}-ubyte").is_file() for s in ("train", "t10k") for kind in ("images-idx3", "labels-idx1")):
+        names = [f"{s}-{kind}-ubyte" for s in ("train", "t10k") for kind in ("images-idx3", "labels-idx1")]
+        if all((raw / name).is_file() for name in names):
             # the files torchvision looks for are all there, so this is a read error, not a missing dataset
             raise UserError(f"cannot read MNIST in {raw}: {describe(e)}") from None
         if not download:
@@ -1488,13 +1491,15 @@ def balanced_label_indices(labels: torch.Tensor, num_labels: int, seed: int, num
     """Sorted int64 indices of `num_labels` examples, num_labels / num_classes per class, drawn with `seed`;
     UserError when num_labels is not a positive multiple of num_classes or a class has too few examples."""
     if num_labels <= 0 or num_labels % num_classes:
-        raise UserError(f"--num-labels must be a positive multiple of {num_classes} (balanced classes), got {num_labels}")
+        raise UserError(f"--num-labels must be a positive multiple of {num_classes} (balanced classes), "
+                        f"got {num_labels}")
     per_class = num_labels // num_classes
     g = torch.Generator().manual_seed(seed)
     chosen = []
     for c in range(num_classes):
         idx = torch.nonzero(labels == c).flatten()
         if len(idx) < per_class:
-            raise UserError(f"--num-labels {num_labels} needs {per_class} examples of class {c}; the data has {len(idx)}")
+            raise UserError(f"--num-labels {num_labels} needs {per_class} examples of class {c}; "
+                            f"the data has {len(idx)}")
         chosen.append(idx[torch.randperm(len(idx), generator=g)[:per_class]])
     return torch.sort(torch.cat(chosen)).values

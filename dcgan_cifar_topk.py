@@ -50,8 +50,9 @@ FEATURE_MATCHING = "squared_l2"  # common.feature_matching_loss form: ||mean f(x
 
 
 def parse_args(argv=None):
-    p, flag = common.ArgumentParser(description=__doc__.split("\n")[0]), argparse.BooleanOptionalAction
+    p = common.ArgumentParser(description=__doc__.split("\n\n")[0])
     common.add_run_flags(p, __file__, save_every=10, unit="epochs")
+    flag = argparse.BooleanOptionalAction
     g = p.add_argument_group("data")
     g.add_argument("--dataset", type=str, default="cifar10", help="cifar10, or fake (random images, smoke runs)")
     g.add_argument("--data-dir", type=str, default="data",

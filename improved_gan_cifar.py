@@ -104,7 +104,8 @@ def parse_args(argv=None):
 
 
 def validate_args(args) -> None:
-    """Fill the --model defaults and refuse impossible or meaningless values (common.UserError, one line)."""
+    """Refuse impossible values and combinations (common.UserError, one line); resolve the defaults left as None
+    (the --model presets)."""
     E = common.UserError
     common.check_run_flags(args)
     common.check_seed("--seed-data", args.seed_data)
@@ -145,6 +146,7 @@ def validate_args(args) -> None:
 
 
 @torch.no_grad()
+# ---- models ----------------------------------------------------------------------------------------------------------
 def init_minibatch_disc(layer: common.MinibatchDiscrimination, h: torch.Tensor) -> None:
     """Official MinibatchLayer init on features h: mean nearest-neighbour L1 distance 2 per kernel, outputs mean 0."""
     kernels, dim, m = layer.kernels, layer.kernel_dim, (h @ layer.T).view(len(h), layer.kernels, layer.kernel_dim)
@@ -237,6 +239,7 @@ def fit_step(args):
     return [D] if G is None else [D, G]
 
 
+# ---- losses and the training step ------------------------------------------------------------------------------------
 def unsupervised_loss(logits_real, logits_fake, label_smoothing: float = 0.0) -> torch.Tensor:
     """0.5 BCE(lse(l(x)), 1 - smoothing) + 0.5 BCE(lse(l(G(z))), 0) on the class logits (the fake class's is 0);
     without smoothing the official -0.5 mean(lse_unl) + 0.5 mean(softplus(lse_unl)) + 0.5 mean(softplus(lse_gen))."""
@@ -307,6 +310,7 @@ def train_step(args, n, x_lab, y_lab, x_unl, x_unl2, k: int, amp) -> dict:
 
 
 @torch.no_grad()
+# ---- evaluation: sample grids, test error, FID / IS ------------------------------------------------------------------
 def evaluate(args, n, test_x, test_y, prep, amp, step: int, run_dir, fid=None) -> dict:
     """Test errors of D's average (the paper's number) and of the raw D, in eval mode, in test-set order; the sample
     grid of the fixed noise; with `fid` = (inception, mu, sigma) IS and FID of G's samples (float32, drawn from a
@@ -336,10 +340,10 @@ def evaluate(args, n, test_x, test_y, prep, amp, step: int, run_dir, fid=None) -
     return result
 
 
+# ---- main ------------------------------------------------------------------------------------------------------------
 def main(argv=None):
     args = parse_args(argv)
     validate_args(args)
-    common.seed_everything(args.seed, args.torch_deterministic)
     device = common.pick_device(args.device, args.check_host_sync, args.amp)
     amp = functools.partial(common.autocast, device, args.amp)
     # sizes whose memory cannot exist are refused here, naming their flags, before anything is written
@@ -349,6 +353,7 @@ def main(argv=None):
                       functools.partial(fit_step, args), needs)
     run = common.Run(args, allowed=("fid", "fid_every", "fid_samples", "fid_batch_size", "grid_size", "channels_last",
                                     "download"), argv=argv, script=__file__)
+    common.seed_everything(args.seed, args.torch_deterministic)
     # data: uint8 tensors on the device; the labeled examples balanced over classes, chosen by --seed-data
     (train_x, train_y), (test_x, test_y) = [
         common.load_cifar10(args.data_dir, train=train, download=args.download) if args.dataset == "cifar10" else

@@ -12,21 +12,25 @@ API (numpy arrays or torch tensors are accepted wherever features/statistics are
         density_coverage(real, fake, k=5) -> {"density", "coverage"}
     2-D Gaussian mixtures
         grid_centers(n_modes, spacing) -> (n_modes, 2) array
-        mode_metrics(samples, centers, std, threshold=4.0) -> {"high_quality", "modes_recovered", "reverse_kl", "counts"}
+        mode_metrics(samples, centers, std, threshold=4.0)
+            -> {"high_quality", "modes_recovered", "reverse_kl", "counts"}
     FID Inception network and image-level evaluation
         FIDInceptionV3, load_inception(weights_path=None, device="cpu")
         reference_statistics(images_uint8, inception, cache_path=None, batch_size=100, device=None) -> (mu, sigma)
         evaluate_generator(sample_fn, n_samples, ref_mu, ref_sigma, inception, ...) -> {"fid", "is_mean", "is_std"}
 
 Where each definition comes from
-    FID         Heusel et al. 2017 (TTUR); values equal pytorch-fid's `calculate_frechet_distance` (mseitzer/pytorch-fid,
-                `fid_score.py`) but tr(sqrtm(Σ1Σ2)) is computed with symmetric eigendecompositions instead of
-                `scipy.linalg.sqrtm` (faster, exact for rank-deficient covariances, runs on the GPU).
-    Inception   pytorch-fid's port of the TF graph used by TTUR (`inception.py`: FIDInceptionA/C/E blocks, 1008-class fc,
-                weights `pt_inception-2015-12-05-6726825d.pth`), bilinear resize to 299 (align_corners=False) and
-                input scaling 2x-1 from [0, 1]; features are bit-for-bit the same computation as pytorch-fid's.
-    IS          Salimans et al. 2016, openai/improved-gan `inception_score/model.py`: softmax of `pool3 @ W` WITHOUT the
-                fc bias (torch-fidelity calls these 'logits_unbiased'), 10 contiguous splits, exp(mean KL(p(y|x)||p(y))).
+    FID         Heusel et al. 2017 (TTUR); values equal pytorch-fid's `calculate_frechet_distance`
+                (mseitzer/pytorch-fid, `fid_score.py`) but tr(sqrtm(Σ1Σ2)) is computed with symmetric
+                eigendecompositions instead of `scipy.linalg.sqrtm` (faster, exact for rank-deficient covariances,
+                runs on the GPU).
+    Inception   pytorch-fid's port of the TF graph used by TTUR (`inception.py`: FIDInceptionA/C/E blocks,
+                1008-class fc, weights `pt_inception-2015-12-05-6726825d.pth`), bilinear resize to 299
+                (align_corners=False) and input scaling 2x-1 from [0, 1]; features are bit-for-bit the same
+                computation as pytorch-fid's.
+    IS          Salimans et al. 2016, openai/improved-gan `inception_score/model.py`: softmax of `pool3 @ W`
+                WITHOUT the fc bias (torch-fidelity calls these 'logits_unbiased'), 10 contiguous splits,
+                exp(mean KL(p(y|x)||p(y))).
     KID         Bińkowski et al. 2018; unbiased MMD² with the cubic kernel (x·y/d + 1)³ averaged over random subsets,
                 as torch-fidelity's `metric_kid.py` (same subset draws for the same seed).
     P/R, D/C    Kynkäänniemi et al. 2019 (precision/recall) and Naeem et al. 2020 (density/coverage), computed as in
@@ -89,7 +93,8 @@ def _float_pair(a, b) -> tuple[torch.Tensor, torch.Tensor]:
     dtype = torch.float64 if torch.float64 in (a.dtype, b.dtype) else torch.float32
     a, b = a.to(dtype), b.to(device=a.device, dtype=dtype)
     if a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[1]:
-        raise ValueError(f"expected two (n, d) feature arrays with the same d, got {tuple(a.shape)} and {tuple(b.shape)}")
+        raise ValueError(f"expected two (n, d) feature arrays with the same d, got {tuple(a.shape)} and "
+                         f"{tuple(b.shape)}")
     return a, b
 
 
@@ -156,9 +161,10 @@ def _trace_sqrt_product(sigma1: torch.Tensor, sigma2: torch.Tensor) -> torch.Ten
     Fᵀ Σ2 F, so tr(sqrtm(Σ1Σ2)) = Σ √eig(Fᵀ Σ2 F). With F = V diag(√w) from Σ1 = V diag(w) Vᵀ this matrix is
     √Σ1 Σ2 √Σ1 written in Σ1's eigenbasis. When Σ1 is positive definite (more samples than dimensions, the usual
     case) its Cholesky factor is used as F instead: it costs a small fraction of an eigendecomposition (2048-d
-    on 2 CPU cores: 1.7 s instead of 2.1 s for the whole distance). Eigenvalues at round-off level (rank-deficient covariances, from fewer samples than dimensions;
-    tiny negatives) are set to 0 in both decompositions; for Σ1 this drops their directions, which also shrinks
-    the second eigenproblem to rank(Σ1) x rank(Σ1).
+    on 2 CPU cores: 1.7 s instead of 2.1 s for the whole distance). Eigenvalues at round-off level
+    (rank-deficient covariances, from fewer samples than dimensions; tiny negatives) are set to 0 in both
+    decompositions; for Σ1 this drops their directions, which also shrinks the second eigenproblem to
+    rank(Σ1) x rank(Σ1).
     """
     f, not_pd = torch.linalg.cholesky_ex(sigma1)
     if not_pd:
@@ -187,7 +193,8 @@ def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
     mu: (d,), sigma: (d, d) symmetric PSD; numpy arrays or tensors (mixed is fine). Computed in float64 on the device
     of the first tensor argument (CPU for numpy): give CUDA tensors to run the eigendecompositions on the GPU.
     Returns a Python float equal to pytorch-fid's `calculate_frechet_distance` (scipy.linalg.sqrtm) within 1e-6
-    relative: ~1e-12 to 1e-9 for full-rank covariances, ~1e-7 for rank-deficient ones (fewer samples than dimensions), where
+    relative: ~1e-12 to 1e-9 for full-rank covariances, ~1e-7 for rank-deficient ones (fewer samples than
+    dimensions), where
     this route is the more accurate one (it matches the exact value computed through the data matrix to ~1e-15,
     sqrtm of the singular product does not). Symmetric in the two Gaussians up to round-off, never NaN for finite
     PSD inputs; identical inputs give ~±1e-12 rather than 0 (not clamped, to stay comparable with pytorch-fid).
@@ -592,7 +599,8 @@ def _load_stats(path: str) -> tuple[np.ndarray, np.ndarray]:
         with np.load(path, allow_pickle=False) as f:
             mu, sigma = f["mu"], f["sigma"]
     except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
-        raise UserError(f"FID statistics file {path} is unreadable ({type(e).__name__}); delete it to recompute") from None
+        raise UserError(f"FID statistics file {path} is unreadable ({type(e).__name__}); "
+                        f"delete it to recompute") from None
     if mu.ndim != 1 or sigma.shape != (mu.shape[0], mu.shape[0]):
         raise UserError(f"FID statistics file {path} has mu {mu.shape} and sigma {sigma.shape}; delete it to recompute")
     return mu.astype(np.float64), sigma.astype(np.float64)

@@ -197,15 +197,22 @@ def bar_chart(path: Path, result: dict, title: str) -> None:
     img.save(path)
 
 
-def analyse(checkpoint: str, args, out: Path, stem: str) -> dict:
-    """Run both one-step updates from one checkpoint; write <stem>.json and <stem>.png into `out`; the result."""
+def load(checkpoint: str, args) -> tuple:
+    """(state, G, D, the run's args) of a mog_topk.py checkpoint; UserError when it is none or does not fit args."""
     state = common.load_checkpoint(checkpoint)
     for key in ("G", "D", "opt_g", "step"):
         if key not in state:
             raise common.UserError(f"{checkpoint} is not a mog_topk.py checkpoint (no {key!r})")
     G, D, run_args = load_models(state, checkpoint)
     if run_args.minibatch_disc and args.batch_size > 2048:
-        raise common.UserError("with minibatch discrimination D compares every pair of the batch: use --batch-size <= 2048")
+        raise common.UserError("with minibatch discrimination D compares every pair of the batch: "
+                               "use --batch-size <= 2048")
+    return state, G, D, run_args
+
+
+def analyse(checkpoint: str, loaded: tuple, args, out: Path, stem: str) -> dict:
+    """Run both one-step updates from one loaded checkpoint; write <stem>.json and <stem>.png into `out`."""
+    state, G, D, run_args = loaded
     centers = np.asarray(metrics.grid_centers(run_args.n_modes, run_args.grid_spacing), dtype=np.float64)
     std = float(run_args.std)
     z = torch.randn(args.batch_size, run_args.latent_dim, generator=torch.Generator().manual_seed(args.seed),
@@ -302,13 +309,14 @@ def summary_markdown(results: list[dict]) -> str:
 def main(argv=None):
     args = parse_args(argv)
     results = []
-    for checkpoint in args.checkpoint:
+    loaded = [load(checkpoint, args) for checkpoint in args.checkpoint]  # all refusals come before any output
+    for checkpoint, state in zip(args.checkpoint, loaded):
         if len(args.checkpoint) == 1:
             out, stem = (Path(args.out) if args.out else Path(checkpoint).resolve().parent.parent), "update_direction"
         else:
             out = Path(args.out)
             stem = f"{Path(checkpoint).resolve().parent.parent.name}_it{Path(checkpoint).stem.split('_')[-1]}"
-        result = analyse(checkpoint, args, out, stem)
+        result = analyse(checkpoint, state, args, out, stem)
         results.append(result)
         print(f"{result['run']} iteration {result['step']}")
         print(f"{'bin (sigma)':>12} {'n':>6} {'top-k cos':>10} {'bottom-k cos':>13}")

@@ -339,10 +339,21 @@ def build_table(records: list[dict]) -> str:
 
 def write_table(out: Path, records: list[dict]) -> str:
     table = build_table(records)
-    tmp = out / ".table.md.tmp"
-    tmp.write_text(table)
-    os.replace(tmp, out / "table.md")
+    _replace_text(out / "table.md", table)
     return table
+
+
+def _replace_text(path: str | Path, text: str) -> None:
+    """Write `path` through a temporary file of a unique name beside it and a rename: a reader (or a cut) sees the
+    old or the new content, never a part, and two writers never share a temporary file."""
+    fd, tmp = tempfile.mkstemp(dir=Path(path).parent, prefix=f".{Path(path).name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 # ================================================================================================================
@@ -1106,10 +1117,7 @@ def pytest_collection_modifyitems(session, config, items):
 def _write_result(data: dict) -> None:
     path = os.environ.get(RESULT_ENV)
     if path:
-        tmp = path + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump(data, f, default=str)
-        os.replace(tmp, path)
+        _replace_text(path, json.dumps(data, default=str))
     else:
         print(json.dumps(data, default=str))
 

@@ -271,6 +271,11 @@ def report(out_root: Path, config, modes_list, variants, seeds, iterations) -> s
                   "| modes | variant | seed | iteration | HQ % | modes % | reverse KL |", "|---|---|---|---|---|---|---|"]
         lines += [f"| {m} | {v} | {s} | {r['step']} | {100 * r['eval/high_quality']:.1f} "
                   f"| {100 * r['eval/modes_recovered']:.1f} | {r['eval/reverse_kl']:.3f} |" for m, v, s, r in partial]
+    unreadable = sorted({path.name for modes in modes_list for variant in variants for seed in seeds
+                         for path, a in engine.run_folders(cell_folder(out_root, config, variant),
+                                                           exp_name(modes, variant), seed, "mog_topk") if a is None})
+    if unreadable:
+        lines += ["", f"Left out, args.json unreadable (so it cannot be told whose run it is): {', '.join(unreadable)}."]
     text = "\n".join(lines) + "\n"
     with engine.os_errors(f"cannot write {folder / 'table1.md'}"):
         folder.mkdir(parents=True, exist_ok=True)

@@ -3,25 +3,51 @@ made by the pre-engine mog_table1.py are skipped when finished and resumed when 
 result), a folder made with other flags is refused before anything starts, and mnist_ssl.py's runs, grouping and
 device handling. Tiny runs only: every script process imports torch."""
 
+import contextlib
+import importlib.util
+import io
 import json
 import os
 import shutil
 import subprocess
 import sys
+from pathlib import Path
+from unittest import mock
 
 import numpy as np
 
 from conftest import REPO, assert_one_line_error, write_mnist
+
+import common
 
 TIMEOUT = 600
 TINY_MOG = ["--hidden-dim", "8", "--batch-size", "16", "--eval-samples", "100", "--eval-every", "10", "--log-every", "10",
             "--save-every", "10"]
 
 
+_PRESETS: dict = {}
+
+
 def run(*argv, timeout=TIMEOUT):
+    """`python argv...`. A preset (sweeps/*.py) runs its main in this process through common.run_cli, as its command
+    line does (a new interpreter would spend seconds importing torch); the runs it starts are processes as always."""
     env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
-    return subprocess.run([sys.executable, *map(str, argv)], cwd=REPO, env=env, capture_output=True, text=True,
-                          timeout=timeout)
+    path = Path(argv[0])
+    if path.parent != REPO / "sweeps":
+        return subprocess.run([sys.executable, *map(str, argv)], cwd=REPO, env=env, capture_output=True, text=True,
+                              timeout=timeout)
+    if path not in _PRESETS:
+        spec = importlib.util.spec_from_file_location(f"preset_{path.stem}", path)
+        _PRESETS[path] = sys.modules[spec.name] = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(_PRESETS[path])
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err), mock.patch.dict(os.environ, env):
+        try:
+            common.run_cli(lambda: sys.exit(_PRESETS[path].main([str(a) for a in argv[1:]])))
+            code = 0
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    return subprocess.CompletedProcess(list(map(str, argv)), code, out.getvalue(), err.getvalue())
 
 
 def ok(proc):

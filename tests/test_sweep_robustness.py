@@ -381,6 +381,7 @@ def test_7_presets_tables_leave_out_corrupt_run_files(presets, tmp_path, capsys)
                                       "20", "--out-dir", table, "--report-only"], capsys)
     assert code == 0 and "| 4 | gan | 1 (seeds 1) |" in text and "| 4 | topk | 0 |" in text
     assert "| 4 | topk | 1 | 10 | 50.0 | 75.0 | 0.200 |" in text  # the readable record of the unfinished run
+    assert "Left out, args.json unreadable (so it cannot be told whose run it is): mog4_gan__2__" in text
     for at_epoch in ([], ["--at-epoch", "1"]):
         code, text, _ = cli(mnist.main, ["--table-only", *at_epoch, "--out-dir", runs], capsys)
         rows = [line for line in text.splitlines() if line.startswith("| 20 |")]
@@ -404,7 +405,13 @@ def test_8_update_direction_refuses_a_dcgan_checkpoint_an_unwritable_out_and_a_b
                 "opt_g": torch.optim.Adam(G.parameters()).state_dict(), "step": 4}, dcgan)
     blocker = tmp_path / "a_file"
     blocker.write_text("x")
+    import mog_topk
+    mog_topk.main(["--n-modes", "9", "--hidden-dim", "16", "--batch-size", "16", "--iterations", "10",
+                   "--eval-samples", "100", "--save-every", "10", "--device", "cpu", "--out-dir", str(tmp_path / "mog")])
+    (mog,) = (tmp_path / "mog").glob("*/checkpoints/last.pt")
     cases = {"dcgan checkpoint": (["--checkpoint", dcgan, "--batch-size", "16"], "is not a mog_topk.py checkpoint"),
+             "a good one, then a dcgan one": (["--checkpoint", mog, dcgan, "--batch-size", "16", "--out",
+                                               tmp_path / "both"], "is not a mog_topk.py checkpoint"),
              "--out below a file": (["--checkpoint", dcgan, "--out", blocker / "out"], "--out"),
              "--batch-size ten": (["--checkpoint", dcgan, "--batch-size", "ten"], "invalid int value: 'ten'")}
     before = sorted(p.name for p in tmp_path.rglob("*"))
