@@ -403,6 +403,9 @@ class Runner:
         self.active: dict[str, subprocess.Popen] = {}
         self.background: list[threading.Thread] = []
         self.threads: list[threading.Thread] = []
+        # set when a phase's thread has written its record: a KeyboardInterrupt that lands in Thread.join can leave
+        # the joined thread looking finished (is_alive False) on Python <= 3.12, so a cut waits on these instead
+        self.done: list[threading.Event] = []
         self.stopping = False
         self.statuses: dict[str, str] = {}
 
@@ -435,8 +438,11 @@ class Runner:
                 self.join_background()
             if self.stopping:
                 return
-            t = threading.Thread(target=self._run_guarded, args=(phase,), name=f"phase-{phase.name}", daemon=True)
+            done = threading.Event()
+            t = threading.Thread(target=self._run_guarded, args=(phase, done), name=f"phase-{phase.name}",
+                                 daemon=True)
             self.threads.append(t)
+            self.done.append(done)
             t.start()
             if phase.background:
                 self.background.append(t)
@@ -451,7 +457,7 @@ class Runner:
                 t.join(0.2)
         self.background = []
 
-    def _run_guarded(self, phase: Phase) -> None:
+    def _run_guarded(self, phase: Phase, done: threading.Event) -> None:
         try:
             self._run(phase)
         except Exception as e:  # a bug in a phase's plumbing is that phase's error, never the whole check's
@@ -459,6 +465,8 @@ class Runner:
                          "reason": f"{type(e).__name__}: {e}"[:500]})
             self.statuses[phase.name] = "error"
             self.say(f"== {phase.name}: error: {type(e).__name__}: {e}")
+        finally:
+            done.set()
 
     def _run(self, phase: Phase) -> None:
         rec: dict = {"phase": phase.name, "label": phase.label,
@@ -592,8 +600,8 @@ class Runner:
         for p in procs:
             kill_group(p.pid, signal.SIGKILL)
         t_end = time.monotonic() + 6.0
-        for t in self.threads:
-            t.join(max(0.1, t_end - time.monotonic()))
+        for done in self.done:
+            done.wait(max(0.1, t_end - time.monotonic()))
 
 
 def kill_group(pgid: int, sig) -> bool:

@@ -36,6 +36,21 @@ def check(tmp_path, phases, *extra, wrap=(), timeout=60):
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout), out
 
 
+def start_and_cut(tmp_path, phases, marker: str, sig):
+    """Run the check on stand-in phases and send it `sig` once `marker` is in its log.txt (a fixed delay would race
+    the start-up of the interpreters on a busy machine); (completed process, out folder)."""
+    spec, out = tmp_path / "phases.json", tmp_path / "out"
+    spec.write_text(json.dumps(phases))
+    proc = subprocess.Popen([sys.executable, str(SCRIPT), "--fake-phases", str(spec), "--out", str(out), "--work",
+                             str(tmp_path / "work")], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    t_end, log = time.monotonic() + 60, out / "log.txt"
+    while time.monotonic() < t_end and marker not in (log.read_text() if log.is_file() else ""):
+        time.sleep(0.05)
+    proc.send_signal(sig)
+    stdout, stderr = proc.communicate(timeout=60)
+    return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr), out
+
+
 def results(out: Path) -> list[dict]:
     lines = (out / "results.jsonl").read_text().splitlines()
     return [json.loads(line) for line in lines]  # every line parses
@@ -169,24 +184,15 @@ def test_a_cut_run_leaves_files_that_parse(tmp_path):
     phases = [{"name": "quick", "cmd": py("print('one')"), "timeout": 20},
               {"name": "background", "background": True, "timeout": 60,
                "cmd": py(f"import os, time; open({str(pid_file)!r}, 'w').write(str(os.getpid())); time.sleep(60)")},
-              {"name": "long", "timeout": 60, "cmd": py("""
-                   import time
+              {"name": "long", "timeout": 60, "cmd": py(f"""
+                   import os, time
+                   while not os.path.exists({str(pid_file)!r}):  # the background phase is running
+                       time.sleep(0.01)
                    for i in range(60):
                        print("tick", i)
                        time.sleep(0.5)
                """)}]
-    # cut (SIGINT, as timeout(1) or a slot's end sends it) once the long phase has printed: a fixed delay would race
-    # the start-up of three interpreters on a busy machine
-    spec, out = tmp_path / "phases.json", tmp_path / "out"
-    spec.write_text(json.dumps(phases))
-    proc = subprocess.Popen([sys.executable, str(SCRIPT), "--fake-phases", str(spec), "--out", str(out), "--work",
-                             str(tmp_path / "work")], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    t_end = time.monotonic() + 60
-    while time.monotonic() < t_end and "[long] tick 0" not in ((out / "log.txt").read_text()
-                                                                if (out / "log.txt").is_file() else ""):
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGINT)
-    proc.communicate(timeout=60)
+    proc, out = start_and_cut(tmp_path, phases, "[long] tick 0", signal.SIGINT)  # SIGINT: what timeout(1) sends
     assert proc.returncode == 130
     recs = results(out)
     assert phase_line(recs, "quick")["status"] == "ok"
@@ -201,8 +207,8 @@ def test_a_cut_run_leaves_files_that_parse(tmp_path):
 def test_a_killed_run_keeps_its_lines_and_the_table_is_rebuilt(tmp_path):
     phases = [{"name": "quick", "cmd": py("print('one')"), "timeout": 20},
               {"name": "long", "cmd": ["sleep", "60"], "timeout": 60}]
-    proc, out = check(tmp_path, phases, wrap=["timeout", "-s", "KILL", "2"])
-    assert proc.returncode in (137, -9)
+    proc, out = start_and_cut(tmp_path, phases, "== long (limit", signal.SIGKILL)
+    assert proc.returncode == -signal.SIGKILL
     recs = results(out)  # SIGKILL: no end line, but every line written parses
     assert phase_line(recs, "quick")["status"] == "ok" and not any(r["phase"] == "end" for r in recs)
     shown = subprocess.run([sys.executable, str(SCRIPT), "--table", "--out", str(out)], capture_output=True,
