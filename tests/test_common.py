@@ -712,6 +712,12 @@ def test_pick_device_without_gpu(monkeypatch):
     for spec in ("garbage", "cuda:x", "meta"):
         with pytest.raises(UserError):
             common.pick_device(spec)
+    for spec in ("auto", "cpu"):  # the CUDA-only flags are refused on the CPU, before anything is written
+        with pytest.raises(UserError, match="--check-host-sync needs a CUDA device"):
+            common.pick_device(spec, check_host_sync=True)
+        with pytest.raises(UserError, match="--amp fp16 needs a CUDA device"):
+            common.pick_device(spec, amp="fp16")
+        assert common.pick_device(spec, amp="bf16") == torch.device("cpu")
 
 
 def test_autocast():

@@ -55,7 +55,7 @@ def test_every_script_loads_its_checkpoint_to_the_cpu(script, tmp_path, monkeypa
         seen["state"] = real_load(path, *args, **kwargs)
         raise _Loaded
 
-    monkeypatch.setattr(common, "pick_device", lambda spec: torch.device("meta"))
+    monkeypatch.setattr(common, "pick_device", lambda spec, *flags: torch.device("meta"))
     monkeypatch.setattr(common, "load_checkpoint", spy)
     argv = ["--resume", str(ckpt), "--out-dir", str(tmp_path / "runs")]
     monkeypatch.setattr(sys, "argv", [script, *argv])
