@@ -255,7 +255,8 @@ def validate_topk(batch_size: int, mu: int, gamma: float) -> None:
 def topk_k(batch_size: int, epoch: int, mu: int, gamma: float) -> int:
     """Fakes the generator learns from in `epoch` (0-based): k = max(mu, floor(B * gamma**epoch)); epoch 0 gives B.
     A function of the epoch alone, so a resumed run gets the same k."""
-    # + 1e-9: floor() must not lose a sample when B * gamma**epoch is an integer (128 * 0.5**1 = 63.99999...)
+    # + 1e-9: floor() must not lose a sample when B * gamma**epoch is an integer in exact arithmetic
+    # (100 * 0.7**2 = 48.99999999999999 in floating point)
     return max(mu, int(math.floor(batch_size * gamma**epoch + 1e-9)))
 
 

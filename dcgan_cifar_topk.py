@@ -22,12 +22,14 @@ Departures from the reference code (pytorch/examples `dcgan`, openai/improved-ga
   - the data live on the device as uint8, shuffled by a permutation seeded with (seed, epoch): no DataLoader
     workers to wait for, and a resumed run sees the same batches;
   - D's weights are frozen during the G step (the G step reuses the D step's fakes, as pytorch/examples does):
-    no weight gradients are computed for D there;
+    no weight gradients are computed for D there (its BatchNorm running statistics still update, unused);
   - feature matching is the squared L2 distance of the mean features (FEATURE_MATCHING), the equation of the
-    Improved-GAN paper, which the flag implements; openai/improved-gan's CIFAR-10 code uses the mean absolute one;
+    Improved-GAN paper; openai/improved-gan's CIFAR-10 code uses the mean absolute one, on a D without BatchNorm
+    (here real and fake batches are normalised separately, which removes their per-channel mean difference);
   - D's output layer runs in float32 under --amp: top-k ranks these logits, and bf16 rounding makes neighbours tie;
-  - samples come from G in eval mode (running BatchNorm statistics) and in float32, so a sample does not depend on
-    its batch-mates, evaluating never changes training, and an --amp run's FID compares with an fp32 run's.
+  - samples come from G in eval mode (running BatchNorm statistics, so a sample does not depend on its batch-mates;
+    --sample-bn batch for the batch's own) and in float32 (an --amp FID compares with an fp32 one); evaluating never
+    changes training.
 Data pipeline, tricks, evaluation, checkpoints, performance and every flag: docs/dcgan_cifar_topk.md.
 """
 
@@ -235,8 +237,9 @@ def generator_loss(d_fake: torch.Tensor, k: int, bottomk: bool = False, feat_fak
 
 
 def generator_loss_masked(d_fake, k: torch.Tensor, bottomk: bool = False, feat_fake=None, feat_real=None):
-    """generator_loss with k a 0-d tensor, in rank-mask form: the weights (rank < k) keep the same k fakes, so one
-    captured CUDA graph serves every epoch's k (--cuda-graph). Equal to generator_loss up to float rounding."""
+    """generator_loss with k a 0-d tensor, in rank-mask form: the weights (rank < k) keep the k best-scored fakes,
+    so one captured CUDA graph serves every epoch's k (--cuda-graph). Equal to generator_loss up to float rounding;
+    only logits tied at the k-th place can make the two keep different (equally scored) fakes."""
     rank = d_fake.detach().float().argsort(descending=not bottomk).argsort()
     keep = (rank < k).float()
     if feat_real is not None:  # the mean of the kept rows, as one row
