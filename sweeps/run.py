@@ -89,7 +89,11 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-import common  # noqa: E402  (the scripts' one-line errors: UserError, run_cli, ArgumentParser)
+try:
+    import common  # noqa: E402  (the scripts' one-line errors: UserError, run_cli, ArgumentParser)
+except KeyboardInterrupt:  # Ctrl-C while torch is being imported: nothing has been written yet
+    print("interrupted: during the start-up, before anything was written", file=sys.stderr)
+    sys.exit(130)
 from common import UserError  # noqa: E402
 
 # Flags the runner sets for every run; variants and the flags after -- must not set them.

@@ -482,3 +482,19 @@ def test_10_resolved_values_the_sweep_sets_cannot_be_overridden(runner, tmp_path
     answer["results"][0]["resolved"]["resume"] = None
     with pytest.raises(runner.UserError, match=r"--num-labels \(to 100\), which the sweep sets itself \(50"):
         runner.validate(args, [runner.Run(0, "gan", 1, [], expect={"num_labels": 50})], "cpu")
+
+
+def test_ctrl_c_during_the_runners_start_up_is_one_line():
+    """A Ctrl-C while sweeps/run.py still imports torch (the first seconds): one line, exit status 130. The
+    interruption is made deterministic by an import hook that raises KeyboardInterrupt at `import common`."""
+    code = ("import runpy, sys\n"
+            "class Hook:\n"
+            "    def find_spec(self, name, path=None, target=None):\n"
+            "        if name == 'common':\n"
+            "            raise KeyboardInterrupt\n"
+            "sys.meta_path.insert(0, Hook())\n"
+            f"sys.argv = [{str(RUNNER)!r}, '--help']\n"
+            f"runpy.run_path({str(RUNNER)!r}, run_name='__main__')\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=TIMEOUT)
+    assert proc.returncode == 130 and "Traceback" not in proc.stderr, proc.stderr
+    assert proc.stderr.strip() == "interrupted: during the start-up, before anything was written"
