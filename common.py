@@ -961,13 +961,17 @@ def load_optimizer_state(opt: torch.optim.Optimizer, state: dict) -> None:
                     param_state[name] = torch.empty_like(p, dtype=value.dtype).copy_(value)
 
 
+# what a resume may change: the run's length, device, speed switches and bookkeeping
+RESUME_FREE = frozenset({"resume", "device", "out_dir", "exp_name", "track", "wandb_project_name", "wandb_entity",
+                         "tensorboard", "save_every", "eval_every", "data_dir", "epochs", "iterations", "max_steps",
+                         "compile", "fid_weights", "torch_deterministic", "check_host_sync", "log_every"})
+
+
 def check_resume_config(saved_args: dict, args, allowed=(), where: str = "--resume: checkpoint") -> None:
     """Raise UserError when `args` differs from the saved arguments (a checkpoint's, a run folder's args.json) in
-    anything but `allowed` keys and the run's length, device and bookkeeping (always free). A flag the saved
-    arguments do not have is named as one they predate: that checkpoint was made by an older version."""
-    free = {"resume", "device", "out_dir", "exp_name", "track", "save_every", "eval_every", "data_dir",
-            "epochs", "iterations", "max_steps", "compile", "fid_weights", "torch_deterministic",
-            "check_host_sync"} | set(allowed)
+    anything but `allowed` keys and RESUME_FREE. A flag the saved arguments do not have is named as one they
+    predate: that checkpoint was made by an older version."""
+    free = RESUME_FREE | set(allowed)
     current = vars(args)
     new = sorted(k for k in current if k not in free and k not in saved_args)
     if new:
@@ -1068,10 +1072,6 @@ class Run:
     lines around a stop may be split in two (their timing fields differ too).
     """
 
-    FREE = {"resume", "device", "out_dir", "exp_name", "track", "wandb_project_name", "wandb_entity",
-            "tensorboard", "save_every", "eval_every", "data_dir", "epochs", "iterations", "max_steps", "compile",
-            "fid_weights", "torch_deterministic", "check_host_sync", "log_every"}  # a resume may change these
-
     def __init__(self, args, allowed: tuple[str, ...] = (), argv: list[str] | None = None, script: str = ""):
         self.args, self.argv, self.script = args, argv, Path(script or sys.argv[0]).name
         self.ckpt, self.dir, self.objects, self.step = None, None, {}, 0
@@ -1091,8 +1091,7 @@ class Run:
             check_out_dir(args.out_dir, args.exp_name)
             return
         self.ckpt = load_checkpoint(args.resume)
-        free = self.FREE | set(allowed)
-        check_resume_config(self.ckpt["args"], args, free, f"--resume {args.resume}: the checkpoint")
+        check_resume_config(self.ckpt["args"], args, allowed, f"--resume {args.resume}: the checkpoint")
         # only into the run folder the checkpoint belongs to: <run>/checkpoints/x.pt beside <run>/args.json
         path = Path(args.resume).resolve()
         meta = path.parent.parent / "args.json"
@@ -1105,7 +1104,7 @@ class Run:
             raise UserError(f"--resume {args.resume}: cannot read {meta} ({describe(e)})") from None
         if not isinstance(saved, dict):
             raise UserError(f"--resume {args.resume}: {meta} is not a run folder's args.json")
-        check_resume_config(saved, args, free, f"--resume {args.resume}: its run folder")
+        check_resume_config(saved, args, allowed, f"--resume {args.resume}: its run folder")
         self.dir = path.parent.parent
 
     def register(self, **objects) -> None:
