@@ -1112,7 +1112,7 @@ def load_fake_phases(path: str) -> list[Phase]:
 COMPILED = re.compile(r"compil|fast-path|fast_path|cuda-graph|cuda_graph|graph")
 
 
-def pytest_collection_modifyitems(session, config, items):
+def pytest_collection_modifyitems(items):
     def compiled(item) -> bool:
         return bool(COMPILED.search(item.nodeid)) or item.get_closest_marker("compiled") is not None
 

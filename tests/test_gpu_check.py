@@ -343,7 +343,7 @@ def test_plugin_puts_compiled_tests_first():
     names = ["t::test_mog[a]", "t::test_dcgan[fp32]", "t::test_dcgan[compile]", "t::test_x", "t::test_dcgan[fast-path]",
              "t::test_cifar_minibatch_disc_model_compiled"]
     items = [Item(n, marked=(n == "t::test_x")) for n in names]
-    gr.pytest_collection_modifyitems(None, None, items)
+    gr.pytest_collection_modifyitems(items)
     assert [i.nodeid for i in items] == ["t::test_dcgan[compile]", "t::test_x", "t::test_dcgan[fast-path]",
                                          "t::test_cifar_minibatch_disc_model_compiled", "t::test_mog[a]",
                                          "t::test_dcgan[fp32]"]
