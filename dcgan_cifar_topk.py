@@ -11,25 +11,21 @@ Convolutional GANs", ICLR 2016; Salimans et al., "Improved Techniques for Traini
 
 Model: the standard 32x32 DCGAN. G: z (100) -> 512x4x4 -> 256x8x8 -> 128x16x16 -> 3x32x32 tanh (transposed convs,
 BatchNorm + ReLU). D: strided convs 3 -> 128 -> 256 -> 512 (LeakyReLU 0.2, BatchNorm but after the first) -> 8192
-flattened features -> [minibatch discrimination] -> one linear logit. N(0, 0.02) init; Adam betas (0.5, 0.999),
-lr G 1e-4 / D 4e-4, batch 128, 500 epochs. D: BCE on a real and a fake batch in two forwards; G: non-saturating.
-One step: fake = G(z); D update on (real, fake.detach()); G update on the same fakes scored by the updated D. With
+features -> [minibatch discrimination] -> one logit. N(0, 0.02) init; Adam (0.5, 0.999), lr G 1e-4 / D 4e-4, batch
+128, 500 epochs; D: BCE on a real and a fake batch; G: non-saturating, on the same fakes scored by the updated D. With
 --topk D scores all B fakes (BatchNorm sees the whole batch, as Algorithm 1 scores before it selects) and the G loss
-is averaged over the k highest logits, k = max(mu, floor(B * gamma**epoch)) for the 0-based epoch. FID/IS every
---eval-every epochs on 10k samples (50k at the end) against the CIFAR-10 training set; best.pt by FID.
+averages the k highest logits, k = max(mu, floor(B * gamma**epoch)), 0-based epoch. FID/IS every --eval-every epochs
+on 10k samples (50k at the end) against the CIFAR-10 training set; best.pt by FID.
 
-Departures from the reference code (pytorch/examples `dcgan`, openai/improved-gan), with their reason:
-  - the data live on the device as uint8, shuffled by a permutation seeded with (seed, epoch): no DataLoader
-    workers to wait for, and a resumed run sees the same batches;
-  - D's weights are frozen during the G step (the G step reuses the D step's fakes, as pytorch/examples does):
-    no weight gradients are computed for D there (its BatchNorm running statistics still update, unused);
-  - feature matching is the squared L2 distance of the mean features (FEATURE_MATCHING), the equation of the
-    Improved-GAN paper; openai/improved-gan's CIFAR-10 code uses the mean absolute one, on a D without BatchNorm
-    (here real and fake batches are normalised separately, which removes their per-channel mean difference);
-  - D's output layer runs in float32 under --amp: top-k ranks these logits, and bf16 rounding makes neighbours tie;
-  - samples come from G in eval mode (running BatchNorm statistics, so a sample does not depend on its batch-mates;
-    --sample-bn batch for the batch's own) and in float32 (an --amp FID compares with an fp32 one); evaluating never
-    changes training.
+Departures from pytorch/examples `dcgan` and openai/improved-gan, with their reason:
+  - the data live on the device as uint8, shuffled by a permutation seeded with (seed, epoch): no loader workers
+    to wait for, and a resumed run sees the same batches;
+  - D is frozen during the G step (which reuses the D step's fakes, as pytorch/examples does): no D weight gradients;
+  - feature matching is the paper's squared L2 distance of the mean features; openai's CIFAR-10 code uses the mean
+    absolute one, on a D without BatchNorm (here BatchNorm removes the real/fake per-channel mean difference);
+  - D's output layer runs in float32 under --amp (top-k ranks these logits; in bf16 neighbours tie);
+  - samples come from G in eval mode (running BatchNorm statistics; --sample-bn batch for the batch's own), in
+    float32; evaluating never changes training.
 Data pipeline, tricks, evaluation, checkpoints, performance and every flag: docs/dcgan_cifar_topk.md.
 """
 
@@ -56,7 +52,7 @@ def parse_args(argv=None):
     common.add_run_flags(p, __file__, save_every=10, unit="epochs")
     flag = argparse.BooleanOptionalAction
     g = p.add_argument_group("data")
-    g.add_argument("--dataset", type=str, default="cifar10", help="cifar10, or fake (random images, smoke runs)")
+    g.add_argument("--dataset", choices=["cifar10", "fake"], default="cifar10", help="fake: random images, smoke runs")
     g.add_argument("--data-dir", type=str, default="data",
                    help="folder of cifar-10-batches-py/ (or cifar-10-python.tar.gz) and of the FID statistics")
     g.add_argument("--download", action=flag, default=True, help="download CIFAR-10 into --data-dir when absent")
@@ -112,8 +108,6 @@ def validate_args(args) -> None:
     """Refuse impossible values and combinations (common.UserError, one line); resolve the defaults left as None."""
     E = common.UserError
     common.check_run_flags(args)
-    if args.dataset not in ("cifar10", "fake"):
-        raise E(f"--dataset must be cifar10 or fake, got {args.dataset!r}")
     if args.vbn and args.sample_bn == "batch":
         raise E("--sample-bn batch applies to G's BatchNorm; with --vbn G samples with its reference batch")
     fid_samples = (args.fid_samples, args.fid_samples_final) if args.fid else (None, None)  # 10: IS uses 10 splits
@@ -224,11 +218,19 @@ def fit_step(args):
 
 
 # ---- losses and the training step ----------------------------------------------------------------------------------
-def generator_loss(d_fake: torch.Tensor, k: int, bottomk: bool = False, feat_fake: torch.Tensor | None = None,
+def generator_loss(d_fake: torch.Tensor, k, bottomk: bool = False, feat_fake: torch.Tensor | None = None,
                    feat_real: torch.Tensor | None = None) -> torch.Tensor:
     """Top-k generator loss: of the whole fake batch's raw D logits d_fake (B,), keep the k highest (lowest with
     bottomk; k >= B keeps all) and return the non-saturating loss mean(softplus(-logit)) over them, or, given
-    feat_real (B_real, F), feature matching between it and the kept rows of feat_fake (B, F)."""
+    feat_real (B_real, F), feature matching between it and the kept rows of feat_fake (B, F). k a 0-d tensor
+    (--cuda-graph): the same loss in rank-mask form (weights rank < k), so one captured graph serves every k; only
+    logits tied at the k-th place can make the two forms keep different (equally scored) fakes."""
+    if torch.is_tensor(k):
+        keep = (d_fake.detach().float().argsort(descending=not bottomk).argsort() < k).float()
+        if feat_real is None:
+            return (F.softplus(-d_fake.float()) * keep).sum() / k
+        return common.feature_matching_loss(feat_real, (feat_fake.float() * keep[:, None]).sum(0, True) / k,
+                                            FEATURE_MATCHING)  # the mean of the kept rows, as one row
     keep = None if k >= d_fake.shape[0] else common.select_topk(d_fake, k, largest=not bottomk)
     if feat_real is not None:
         return common.feature_matching_loss(feat_real, feat_fake if keep is None else feat_fake[keep],
@@ -236,23 +238,11 @@ def generator_loss(d_fake: torch.Tensor, k: int, bottomk: bool = False, feat_fak
     return F.softplus(-(d_fake if keep is None else d_fake[keep]).float()).mean()
 
 
-def generator_loss_masked(d_fake, k: torch.Tensor, bottomk: bool = False, feat_fake=None, feat_real=None):
-    """generator_loss with k a 0-d tensor, in rank-mask form: the weights (rank < k) keep the k best-scored fakes,
-    so one captured CUDA graph serves every epoch's k (--cuda-graph). Equal to generator_loss up to float rounding;
-    only logits tied at the k-th place can make the two keep different (equally scored) fakes."""
-    rank = d_fake.detach().float().argsort(descending=not bottomk).argsort()
-    keep = (rank < k).float()
-    if feat_real is not None:  # the mean of the kept rows, as one row
-        kept_mean = (feat_fake.float() * keep[:, None]).sum(0, keepdim=True) / k
-        return common.feature_matching_loss(feat_real, kept_mean, FEATURE_MATCHING)
-    return (F.softplus(-d_fake.float()) * keep).sum() / k
-
-
 class CudaGraphStep:
-    """--cuda-graph: train_step with the rank-mask top-k, captured once and replayed at every step. Static inputs:
-    the batch's indices (copied in from the epoch's permutation) and k (a device scalar); the noise is drawn inside
-    the graph. The first 3 calls run eagerly on a side stream (capture needs warmed-up state); each call is one
-    training step, so a run with it trains the same steps as without (and resumes like one)."""
+    """--cuda-graph: train_step with k a device scalar (the rank-mask top-k), captured once as a CUDA graph and
+    replayed at every step. Static inputs: the batch's indices (copied in from the epoch's permutation) and k; the
+    noise is drawn inside the graph. The first 3 calls run eagerly on a side stream (capture needs warmed-up
+    state); each call is one training step, so a run trains and resumes the same steps as without the flag."""
 
     def __init__(self, G, D, opt_d, opt_g, data, args, z_ref, memory_format):
         self.G, self.D, self.opts, self.data, self.args, self.z_ref = G, D, (opt_d, opt_g), data, args, z_ref
@@ -263,7 +253,7 @@ class CudaGraphStep:
     def step(self) -> dict:
         x = self.data[self.idx].float().mul_(2.0 / 255.0).sub_(1.0).contiguous(memory_format=self.memory_format)
         z = torch.randn(self.args.batch_size, self.args.nz, device=self.data.device)
-        return train_step(self.G, self.D, *self.opts, x, z, self.k, self.args, self.z_ref, g_loss=generator_loss_masked)
+        return train_step(self.G, self.D, *self.opts, x, z, self.k, self.args, self.z_ref)
 
     def __call__(self, idx: torch.Tensor, k: int) -> dict:
         self.idx.copy_(idx)
@@ -297,8 +287,7 @@ def optimise(opt: torch.optim.Optimizer, loss: torch.Tensor, scaler=None) -> Non
         scaler.update()
 
 
-def train_step(G, D, opt_d, opt_g, x_real, z, k, args, z_ref=None, hist=(None, None), scalers=(None, None),
-               g_loss=None):
+def train_step(G, D, opt_d, opt_g, x_real, z, k, args, z_ref=None, hist=(None, None), scalers=(None, None)):
     """One D update, then one G update on the same fakes scored by the updated D; hist and scalers: the (D, G)
     historical averages and fp16 GradScalers (None: off). Returns the step's scalars, on the device (no sync)."""
     (hist_d, hist_g), (scaler_d, scaler_g) = hist, scalers
@@ -327,7 +316,7 @@ def train_step(G, D, opt_d, opt_g, x_real, z, k, args, z_ref=None, hist=(None, N
         d_gen, feat_gen = D(fake)
         # ALGO LOGIC: feature matching against the updated D's features of the real batch (D frozen: no graph)
         feat_real = D(x_real)[1] if args.feature_matching else None
-        loss_g = (g_loss or generator_loss)(d_gen, k, args.bottomk, feat_gen, feat_real)
+        loss_g = generator_loss(d_gen, k, args.bottomk, feat_gen, feat_real)
         if hist_g is not None:  # ALGO LOGIC: historical averaging
             loss_g = loss_g + args.hist_avg * hist_g.penalty(G)
     optimise(opt_g, loss_g, scaler_g)

@@ -9,7 +9,7 @@ What it guards
     and virtual batch normalisation, epoch boundaries at which k shrinks (--topk with --gamma < 1), periodic and final
     evaluations, the MoG FastStep and autograd training steps, and improved_gan_cifar.py's learning-rate decay.
 
-    A run is reduced to a digest, stored in tests/same_results.json:
+    A run is reduced to a digest, stored in tests/same_results*.json (one file per CPU kernel set, below):
       models        sha256 of each model state dict in checkpoints/last.pt (G, D, and the EMA copy of D where there
                     is one): over the parameter names in sorted order, each name with its tensor's dtype, shape and
                     raw bytes. Optimizer states, RNG states and other bookkeeping are not digested, so their entry
@@ -30,17 +30,21 @@ What it guards
 
 Recording
     RECORD_SAME_RESULTS=1 python -m pytest -q tests/test_same_results.py
-    runs every configuration and writes tests/same_results.json (with -k, only the selected configurations are
-    replaced). Without the variable the test compares against that file.
+    runs every configuration and writes tests/same_results_<capability>.json (with -k, only the selected
+    configurations are replaced). Without the variable the test compares against the record of its environment.
 
     Re-recording is legitimate only when a change is meant to alter numbers (a new default, a fixed bug in the
     maths, a different random stream), and the commit must say so. It is also needed when a configuration is added
     or its flags change meaning. Record from the code the comparison should hold against, never from a change under
     test to make it pass.
 
-    Bitwise results depend on the torch build and the CPU's kernels: the file stores the torch version and CPU
-    architecture it was recorded with, and the comparison is skipped, saying why, on another torch version or
-    architecture. Every run is its own process on the CPU with one thread (conftest.run_script); the runs of the
+    Bitwise results depend on the torch build and the CPU's kernels (an AVX2 and an AVX-512 machine round some
+    float32 reductions differently): each file stores the torch version, CPU architecture and, where recorded, the
+    vector instruction set torch dispatches to (torch.backends.cpu.get_cpu_capability()). A run passes when it
+    equals a record of its environment: tests/same_results.json (recorded 2026-12-02, torch 2.14.1, x86_64, before
+    the capability was stored; not AVX2) or tests/same_results_<capability>.json (same_results_AVX2.json: recorded
+    2026-12-03 on a 2-core AMD EPYC from the same reference code, commit ebf6c2b). With no record of this
+    environment the comparison is skipped, saying why; RECORD_SAME_RESULTS=1 writes the file of this capability. Every run is its own process on the CPU with one thread (conftest.run_script); the runs of the
     file go one after the other, or SAME_RESULTS_JOBS at a time, which changes no number.
 """
 
@@ -58,7 +62,7 @@ import torch
 from conftest import only_run_dir, run_script, write_cifar10, write_mnist
 
 RECORD = os.environ.get("RECORD_SAME_RESULTS") == "1"
-REFERENCE = Path(__file__).with_name("same_results.json")
+HERE = Path(__file__).parent
 TIMEOUT = 600
 # runs at a time: one after the other unless SAME_RESULTS_JOBS says otherwise (worth it only on idle cores)
 JOBS = max(1, int(os.environ.get("SAME_RESULTS_JOBS", "1")))
@@ -191,7 +195,20 @@ def digest(run_dir: Path, script: str, entries) -> dict:
 
 
 def environment() -> dict:
-    return {"torch": torch.__version__, "machine": platform.machine()}
+    return {"torch": torch.__version__, "machine": platform.machine(),
+            "cpu_capability": torch.backends.cpu.get_cpu_capability()}
+
+
+def matches(recorded: dict) -> bool:
+    """A record's environment is this one (a record without cpu_capability: any capability but the recorded ones)."""
+    here = environment()
+    if "cpu_capability" in recorded:
+        return recorded == here
+    return ({k: recorded[k] for k in ("torch", "machine")} == {k: here[k] for k in ("torch", "machine")}
+            and not (HERE / f"same_results_{here['cpu_capability']}.json").is_file())
+
+
+REFERENCE = HERE / f"same_results_{torch.backends.cpu.get_cpu_capability()}.json"  # what RECORD_SAME_RESULTS writes
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -267,13 +284,15 @@ def runs(request, tmp_path_factory):
 def reference():
     if RECORD:
         return None
-    if not REFERENCE.is_file():
-        pytest.fail(f"{REFERENCE} is missing: record it with RECORD_SAME_RESULTS=1 (see this file's docstring)")
-    ref = json.loads(REFERENCE.read_text())
-    if ref["environment"] != environment():
-        pytest.skip(f"same_results.json was recorded with {ref['environment']}, this is {environment()}: bitwise "
-                    "results are only comparable on the same torch build and CPU architecture")
-    return ref
+    files = sorted(HERE.glob("same_results*.json"))
+    if not files:
+        pytest.fail("tests/same_results*.json are missing: record with RECORD_SAME_RESULTS=1 (see this file's docstring)")
+    refs = [(f, json.loads(f.read_text())) for f in files]
+    mine = [(f, ref) for f, ref in refs if matches(ref["environment"])]
+    if not mine:
+        pytest.skip(f"no digests recorded for {environment()} (recorded: {[ref['environment'] for _, ref in refs]}): "
+                    "bitwise results are only comparable on the same torch build and CPU kernels")
+    return mine[0]
 
 
 def save_record(name: str, script: str, argv: list[str], result: dict) -> None:
@@ -299,8 +318,9 @@ def test_same_results(name, reference, runs):
         save_record(name, script, argv, digest(run_dir, script, MODEL_ENTRIES[script]))
         return
 
+    path, reference = reference
     assert name in reference["configs"], \
-        f"{name}: no record in {REFERENCE.name}; record it with RECORD_SAME_RESULTS=1 -k {name}"
+        f"{name}: no record in {path.name}; record it with RECORD_SAME_RESULTS=1 -k {name}"
     expected = dict(reference["configs"][name])
     expected["summary"] = clean_summary(expected["summary"])  # bookkeeping keys added after the recording
     got = digest(run_dir, script, expected["model_entries"])
@@ -310,7 +330,7 @@ def test_same_results(name, reference, runs):
         note = f"\n(recorded with other flags: {' '.join(expected['argv'])})"
     for part, (title, explain) in PARTS.items():
         assert part not in differing, (
-            f"{name} ({script} {' '.join(argv)}): the {title} differ from {REFERENCE.name}\n"
+            f"{name} ({script} {' '.join(argv)}): the {title} differ from {path.name}\n"
             + "\n".join(explain(expected[part], got[part]))
             + f"\nparts that differ: {', '.join(differing)}{note}\n"
             "Re-record only if the change is meant to alter numbers (see the docstring of this file).")
