@@ -38,14 +38,16 @@ Recording
     or its flags change meaning. Record from the code the comparison should hold against, never from a change under
     test to make it pass.
 
-    Bitwise results depend on the torch build and the CPU's kernels (an AVX2 and an AVX-512 machine round some
-    float32 reductions differently): each file stores the torch version, CPU architecture and, where recorded, the
-    vector instruction set torch dispatches to (torch.backends.cpu.get_cpu_capability()). A run passes when it
-    equals a record of its environment: tests/same_results.json (recorded 2026-12-02, torch 2.14.1, x86_64, before
-    the capability was stored; not AVX2) or tests/same_results_<capability>.json (same_results_AVX2.json: recorded
-    2026-12-03 on a 2-core AMD EPYC from the same reference code, commit ebf6c2b). With no record of this
-    environment the comparison is skipped, saying why; RECORD_SAME_RESULTS=1 writes the file of this capability. Every run is its own process on the CPU with one thread (conftest.run_script); the runs of the
-    file go one after the other, or SAME_RESULTS_JOBS at a time, which changes no number.
+    Bitwise results depend on the torch build and the CPU's kernels (two x86-64 machines whose torch dispatches
+    different vector kernels round some float32 reductions differently): each file stores the torch version, CPU
+    architecture and, where recorded, the kernel set torch dispatches to (torch.backends.cpu.get_cpu_capability()).
+    A run passes when it equals the record of its environment: tests/same_results_<capability>.json
+    (same_results_AVX2.json: recorded 2026-12-03 on a 2-core AMD EPYC from the reference code, commit ebf6c2b), else
+    tests/same_results.json (recorded 2026-12-02 from the same code on an x86-64 CPU that is not AVX2, before the
+    capability was stored). With no record of this environment the comparison is skipped, saying why;
+    RECORD_SAME_RESULTS=1 writes the file of this capability. Every run is its own process on the CPU with one
+    thread (conftest.run_script); the runs go one after the other, or SAME_RESULTS_JOBS at a time, which changes
+    no number.
 """
 
 import hashlib
@@ -286,7 +288,7 @@ def reference():
         return None
     files = sorted(HERE.glob("same_results*.json"))
     if not files:
-        pytest.fail("tests/same_results*.json are missing: record with RECORD_SAME_RESULTS=1 (see this file's docstring)")
+        pytest.fail("tests/same_results*.json are missing: record with RECORD_SAME_RESULTS=1 (see this docstring)")
     refs = [(f, json.loads(f.read_text())) for f in files]
     mine = [(f, ref) for f, ref in refs if matches(ref["environment"])]
     if not mine:
