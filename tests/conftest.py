@@ -18,6 +18,20 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+# Module-scoped fixtures that train (seconds to a minute each). pytest-xdist gives every worker its own copy of a
+# module fixture, so with `-n auto --dist loadgroup` (the README's test command) the tests that use one are sent to
+# one worker and it is built once. Without xdist the marks do nothing.
+SHARED_RUNS = {"test_same_results.py": "runs", "test_robustness.py": "runs", "test_sweeps.py": "mog",
+               "test_mog.py": "short_run", "test_improved_gan_mnist.py": "full_run"}
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist reads the xdist_group marks
+def pytest_collection_modifyitems(items):
+    for item in items:
+        name = SHARED_RUNS.get(item.path.name)
+        if name is not None and name in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.xdist_group(f"{item.path.stem}.{name}"))
+
 
 def write_cifar10(root: Path, per_class_train: int = 4, per_class_test: int = 2, seed: int = 0) -> Path:
     """Write a CIFAR-10-format folder `root/cifar-10-batches-py` with 10·per_class_train training images
