@@ -277,7 +277,8 @@ def convergence_section(conv_dir: Path, study_dir: Path, png: Path) -> list[str]
 
     lines += ["### Verdict (pre-registered rule)", "",
               "Δ(t) = top-k minus GAN mean HQ % at iteration t over seeds 1–3. The gap holds when Δ(150k) ≥ Δ(50k)/2, "
-              "shrinks when 0 < Δ(150k) < Δ(50k)/2, closes when Δ(150k) ≤ 0, grows when Δ(150k) > Δ(50k).", ""]
+              "shrinks when 0 < Δ(150k) < Δ(50k)/2, closes when Δ(150k) ≤ 0, grows when Δ(150k) > Δ(50k) "
+              "(a gap that grows also meets 'holds': grows is tested first).", ""]
     all_done = all(len(finished[a]) == 3 for a in ARMS)
     d50 = delta(arm_runs, 50000)
     if d50 is not None:
