@@ -15,7 +15,7 @@ API (numpy arrays or torch tensors are accepted wherever features/statistics are
         mode_metrics(samples, centers, std, threshold=4.0)
             -> {"high_quality", "modes_recovered", "reverse_kl", "counts"}
     FID Inception network and image-level evaluation
-        FIDInceptionV3, load_inception(weights_path=None, device="cpu")
+        FIDInceptionV3, load_inception(weights_path=None, device="cpu")  (torchvision is imported at the first)
         reference_statistics(images_uint8, inception, cache_path=None, batch_size=100, device=None) -> (mu, sigma)
         evaluate_generator(sample_fn, n_samples, ref_mu, ref_sigma, inception, ...) -> {"fid", "is_mean", "is_std"}
 
@@ -48,17 +48,18 @@ training code set, and restores them after.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import math
 import os
 import zipfile
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torchvision.models.inception import BasicConv2d, InceptionA, InceptionB, InceptionC, InceptionD, InceptionE
 
 from common import UserError, write_atomically
 
@@ -412,43 +413,50 @@ def _tf_avg_pool(x: torch.Tensor) -> torch.Tensor:
     return F.avg_pool2d(x, kernel_size=3, stride=1, padding=1, count_include_pad=False)
 
 
-class FIDInceptionA(InceptionA):
-    """torchvision's InceptionA with TF's average pooling (the only difference in the FID graph)."""
+@functools.cache
+def _inception_blocks() -> SimpleNamespace:
+    """torchvision's Inception-v3 blocks, with FIDInceptionA/C/E: the FID graph's variants. Built at the first
+    Inception network, so importing this module (mog_topk.py's mode metrics) does not import torchvision (~2 s)."""
+    from torchvision.models import inception as tv
 
-    def forward(self, x):
-        b5 = self.branch5x5_2(self.branch5x5_1(x))
-        b3 = self.branch3x3dbl_3(self.branch3x3dbl_2(self.branch3x3dbl_1(x)))
-        return torch.cat([self.branch1x1(x), b5, b3, self.branch_pool(_tf_avg_pool(x))], 1)
+    class FIDInceptionA(tv.InceptionA):
+        """torchvision's InceptionA with TF's average pooling (the only difference in the FID graph)."""
 
+        def forward(self, x):
+            b5 = self.branch5x5_2(self.branch5x5_1(x))
+            b3 = self.branch3x3dbl_3(self.branch3x3dbl_2(self.branch3x3dbl_1(x)))
+            return torch.cat([self.branch1x1(x), b5, b3, self.branch_pool(_tf_avg_pool(x))], 1)
 
-class FIDInceptionC(InceptionC):
-    """torchvision's InceptionC with TF's average pooling."""
+    class FIDInceptionC(tv.InceptionC):
+        """torchvision's InceptionC with TF's average pooling."""
 
-    def forward(self, x):
-        b7 = self.branch7x7_3(self.branch7x7_2(self.branch7x7_1(x)))
-        bd = self.branch7x7dbl_1(x)
-        for layer in (self.branch7x7dbl_2, self.branch7x7dbl_3, self.branch7x7dbl_4, self.branch7x7dbl_5):
-            bd = layer(bd)
-        return torch.cat([self.branch1x1(x), b7, bd, self.branch_pool(_tf_avg_pool(x))], 1)
+        def forward(self, x):
+            b7 = self.branch7x7_3(self.branch7x7_2(self.branch7x7_1(x)))
+            bd = self.branch7x7dbl_1(x)
+            for layer in (self.branch7x7dbl_2, self.branch7x7dbl_3, self.branch7x7dbl_4, self.branch7x7dbl_5):
+                bd = layer(bd)
+            return torch.cat([self.branch1x1(x), b7, bd, self.branch_pool(_tf_avg_pool(x))], 1)
 
+    class FIDInceptionE(tv.InceptionE):
+        """torchvision's InceptionE with the FID graph's pooling: TF average pooling in Mixed_7b (`pool="avg"`) and
+        max pooling in Mixed_7c (`pool="max"`; a quirk of the 2015 TF graph that FID inherited)."""
 
-class FIDInceptionE(InceptionE):
-    """torchvision's InceptionE with the FID graph's pooling: TF average pooling in Mixed_7b (`pool="avg"`) and
-    max pooling in Mixed_7c (`pool="max"`; a quirk of the 2015 TF graph that FID inherited)."""
+        def __init__(self, in_channels: int, pool: str):
+            super().__init__(in_channels)
+            if pool not in ("avg", "max"):
+                raise ValueError(f"pool must be 'avg' or 'max', got {pool!r}")
+            self.pool = pool
 
-    def __init__(self, in_channels: int, pool: str):
-        super().__init__(in_channels)
-        if pool not in ("avg", "max"):
-            raise ValueError(f"pool must be 'avg' or 'max', got {pool!r}")
-        self.pool = pool
+        def forward(self, x):
+            b3 = self.branch3x3_1(x)
+            b3 = torch.cat([self.branch3x3_2a(b3), self.branch3x3_2b(b3)], 1)
+            bd = self.branch3x3dbl_2(self.branch3x3dbl_1(x))
+            bd = torch.cat([self.branch3x3dbl_3a(bd), self.branch3x3dbl_3b(bd)], 1)
+            pooled = _tf_avg_pool(x) if self.pool == "avg" else F.max_pool2d(x, kernel_size=3, stride=1, padding=1)
+            return torch.cat([self.branch1x1(x), b3, bd, self.branch_pool(pooled)], 1)
 
-    def forward(self, x):
-        b3 = self.branch3x3_1(x)
-        b3 = torch.cat([self.branch3x3_2a(b3), self.branch3x3_2b(b3)], 1)
-        bd = self.branch3x3dbl_2(self.branch3x3dbl_1(x))
-        bd = torch.cat([self.branch3x3dbl_3a(bd), self.branch3x3dbl_3b(bd)], 1)
-        pooled = _tf_avg_pool(x) if self.pool == "avg" else F.max_pool2d(x, kernel_size=3, stride=1, padding=1)
-        return torch.cat([self.branch1x1(x), b3, bd, self.branch_pool(pooled)], 1)
+    return SimpleNamespace(BasicConv2d=tv.BasicConv2d, InceptionB=tv.InceptionB, InceptionD=tv.InceptionD,
+                           FIDInceptionA=FIDInceptionA, FIDInceptionC=FIDInceptionC, FIDInceptionE=FIDInceptionE)
 
 
 class FIDInceptionV3(nn.Module):
@@ -464,22 +472,23 @@ class FIDInceptionV3(nn.Module):
 
     def __init__(self):
         super().__init__()
-        self.Conv2d_1a_3x3 = BasicConv2d(3, 32, kernel_size=3, stride=2)
-        self.Conv2d_2a_3x3 = BasicConv2d(32, 32, kernel_size=3)
-        self.Conv2d_2b_3x3 = BasicConv2d(32, 64, kernel_size=3, padding=1)
-        self.Conv2d_3b_1x1 = BasicConv2d(64, 80, kernel_size=1)
-        self.Conv2d_4a_3x3 = BasicConv2d(80, 192, kernel_size=3)
-        self.Mixed_5b = FIDInceptionA(192, pool_features=32)
-        self.Mixed_5c = FIDInceptionA(256, pool_features=64)
-        self.Mixed_5d = FIDInceptionA(288, pool_features=64)
-        self.Mixed_6a = InceptionB(288)
-        self.Mixed_6b = FIDInceptionC(768, channels_7x7=128)
-        self.Mixed_6c = FIDInceptionC(768, channels_7x7=160)
-        self.Mixed_6d = FIDInceptionC(768, channels_7x7=160)
-        self.Mixed_6e = FIDInceptionC(768, channels_7x7=192)
-        self.Mixed_7a = InceptionD(768)
-        self.Mixed_7b = FIDInceptionE(1280, pool="avg")
-        self.Mixed_7c = FIDInceptionE(2048, pool="max")
+        b = _inception_blocks()
+        self.Conv2d_1a_3x3 = b.BasicConv2d(3, 32, kernel_size=3, stride=2)
+        self.Conv2d_2a_3x3 = b.BasicConv2d(32, 32, kernel_size=3)
+        self.Conv2d_2b_3x3 = b.BasicConv2d(32, 64, kernel_size=3, padding=1)
+        self.Conv2d_3b_1x1 = b.BasicConv2d(64, 80, kernel_size=1)
+        self.Conv2d_4a_3x3 = b.BasicConv2d(80, 192, kernel_size=3)
+        self.Mixed_5b = b.FIDInceptionA(192, pool_features=32)
+        self.Mixed_5c = b.FIDInceptionA(256, pool_features=64)
+        self.Mixed_5d = b.FIDInceptionA(288, pool_features=64)
+        self.Mixed_6a = b.InceptionB(288)
+        self.Mixed_6b = b.FIDInceptionC(768, channels_7x7=128)
+        self.Mixed_6c = b.FIDInceptionC(768, channels_7x7=160)
+        self.Mixed_6d = b.FIDInceptionC(768, channels_7x7=160)
+        self.Mixed_6e = b.FIDInceptionC(768, channels_7x7=192)
+        self.Mixed_7a = b.InceptionD(768)
+        self.Mixed_7b = b.FIDInceptionE(1280, pool="avg")
+        self.Mixed_7c = b.FIDInceptionE(2048, pool="max")
         self.fc = nn.Linear(FID_DIMS, INCEPTION_CLASSES)  # the bias is part of the weight file but unused (see IS)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -16,7 +16,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from conftest import REPO, assert_one_line_error, run_script
+from conftest import REPO, assert_one_line_error, cli
 
 import common
 
@@ -215,8 +215,10 @@ def test_scripts_default_to_the_fast_cuda_settings(script, monkeypatch):
     assert args.torch_deterministic is False and args.check_host_sync is False
 
 
-def test_check_host_sync_needs_cuda(tmp_path):
-    proc = run_script("mog_topk.py", "--check-host-sync", "--device", "cpu", "--iterations", "2",
-                      "--out-dir", tmp_path / "runs")
+def test_check_host_sync_needs_cuda(tmp_path, capsys):
+    import mog_topk
+
+    proc = cli(mog_topk.main, ["--check-host-sync", "--device", "cpu", "--iterations", "2", "--out-dir",
+                               tmp_path / "runs"], capsys)
     assert "needs a CUDA device" in assert_one_line_error(proc)
     assert not (tmp_path / "runs").exists()

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from conftest import assert_one_line_error, only_run_dir, run_script, write_cifar10
+from conftest import assert_one_line_error, cli, only_run_dir, run_script, write_cifar10
 
 import common
 import dcgan_cifar_topk as dc
@@ -242,7 +242,7 @@ def test_resume_equals_uninterrupted(stop, tiny_cifar_dir, tmp_path, monkeypatch
 # FID / IS wiring with a random-weights Inception
 # ---------------------------------------------------------------------------------------------------------------
 def test_fid_evaluation_wiring(tmp_path):
-    tiny_cifar_dir = write_cifar10(tmp_path / "cifar", per_class_train=2)  # 20 images: few Inception passes on CPU
+    tiny_cifar_dir = write_cifar10(tmp_path / "cifar", per_class_train=1)  # 10 images: few Inception passes on CPU
     torch.manual_seed(0)
     weights = tmp_path / "random_inception.pt"
     torch.save(metrics.FIDInceptionV3().state_dict(), weights)
@@ -258,7 +258,7 @@ def test_fid_evaluation_wiring(tmp_path):
     assert summary["final"]["fid"] == evals[1]["fid"] and summary["final"]["is_mean"] == evals[1]["is_mean"]
     assert summary["best"]["fid"] == evals[0]["fid"] and summary["best"]["epoch"] == 1
     best = common.load_checkpoint(run / "checkpoints" / "best.pt")
-    assert best["best"]["fid"] == evals[0]["fid"] and best["step"] == 2  # 20 images, batch 8
+    assert best["best"]["fid"] == evals[0]["fid"] and best["step"] == 1  # 10 images, batch 8
     assert (run / "samples" / "epoch_0001.png").is_file()
     assert len(list(tiny_cifar_dir.glob("fid_stats_cifar10_train_*.npz"))) == 1  # cached, named by the weights
 
@@ -357,11 +357,11 @@ def test_the_graph_step_run_eagerly_equals_the_default_step():
         torch.testing.assert_close(results[1][name], value, rtol=1e-4, atol=1e-5, msg=name)
 
 
-def test_cuda_graph_refuses_what_it_cannot_capture_and_falls_back_on_the_cpu(tmp_path):
+def test_cuda_graph_refuses_what_it_cannot_capture_and_falls_back_on_the_cpu(tmp_path, capsys):
     for flags in (["--compile"], ["--hist-avg", "0.1"], ["--hflip"]):
-        proc = run_script("dcgan_cifar_topk.py", "--cuda-graph", *flags, "--out-dir", tmp_path)
+        proc = cli(dc.main, ["--cuda-graph", *flags, "--out-dir", tmp_path], capsys)
         assert "--cuda-graph cannot be combined" in assert_one_line_error(proc)
-    proc = run_script("dcgan_cifar_topk.py", "--cuda-graph", "--dataset", "fake", "--fake-size", "32", "--batch-size",
-                      "8", "--ngf", "4", "--ndf", "4", "--no-fid", "--max-steps", "2", "--device", "cpu",
-                      "--out-dir", tmp_path, check=True)
+    proc = cli(dc.main, ["--cuda-graph", "--dataset", "fake", "--fake-size", "32", "--batch-size", "8", "--ngf", "4",
+                         "--ndf", "4", "--no-fid", "--max-steps", "2", "--device", "cpu", "--out-dir", tmp_path], capsys)
+    assert proc.returncode == 0, proc.stderr
     assert proc.stderr.count("--cuda-graph needs a CUDA device; running the eager step") == 1

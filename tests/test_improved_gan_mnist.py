@@ -8,7 +8,7 @@ import signal
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import REPO, assert_one_line_error, only_run_dir, run_script, write_mnist
+from conftest import REPO, assert_one_line_error, cli, only_run_dir, run_script, write_mnist
 
 import common
 import improved_gan_mnist as igm
@@ -289,10 +289,10 @@ def test_compiled_models_see_only_the_training_batch_shapes(mnist_root, tmp_path
     (["--supervised-only", "--topk"], "--supervised-only"),
     (["--missing-data"], "MNIST not found"),
 ])
-def test_bad_input_is_one_line_and_writes_nothing(flags, message, mnist_root, tmp_path):
+def test_bad_input_is_one_line_and_writes_nothing(flags, message, mnist_root, tmp_path, capsys):
     data = tmp_path / "empty" if flags == ["--missing-data"] else mnist_root
     flags = [] if flags == ["--missing-data"] else flags
     out = tmp_path / "runs"
-    proc = run_script(SCRIPT, "--device", "cpu", "--no-download", "--data-dir", data, "--out-dir", out, *flags)
+    proc = cli(igm.main, ["--device", "cpu", "--no-download", "--data-dir", data, "--out-dir", out, *flags], capsys)
     assert message in assert_one_line_error(proc)
     assert not out.exists() or not any(out.iterdir())

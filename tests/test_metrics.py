@@ -5,6 +5,8 @@ random state dict, since the real weights cannot be downloaded here.
 """
 
 import math
+import subprocess
+import sys
 import urllib.error
 import warnings
 
@@ -15,6 +17,7 @@ import torch
 
 import metrics
 from common import UserError
+from conftest import REPO
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -429,3 +432,11 @@ def test_evaluate_generator_with_random_inception(random_weights_file):
                                      batch_size=2, is_splits=2)
     assert set(out) == {"fid", "is_mean", "is_std"}
     assert all(math.isfinite(v) for v in out.values()) and out["fid"] > 0 and out["is_mean"] >= 1
+
+
+def test_importing_the_scripts_and_metrics_does_not_import_torchvision():
+    # torchvision costs seconds at every interpreter start; only image grids and the Inception network need it
+    code = ("import sys, metrics, mog_topk, dcgan_cifar_topk, improved_gan_mnist, improved_gan_cifar; "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] == 'torchvision'))")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and proc.stdout.strip() == "[]", proc.stdout + proc.stderr

@@ -5,6 +5,9 @@ and bad input. Every script process imports torch (seconds of CPU each), so the 
 number of runs small. The tests that signal a sweep start it in its own session and look at the run folders only
 while its whole process group is stopped (stop_group_when), so what they see cannot change before they act."""
 
+import contextlib
+import importlib.util
+import io
 import json
 import os
 import shutil
@@ -15,6 +18,7 @@ import sys
 import time
 from pathlib import Path
 from types import SimpleNamespace
+from unittest import mock
 
 import numpy as np
 import pytest
@@ -32,10 +36,34 @@ DCGAN = ["--dataset", "fake", "--fake-size", "16", "--batch-size", "8", "--ngf",
          "--no-fid", "--no-download", "--eval-every", "1", "--save-every", "1", "--log-every", "1"]
 
 
-def sweep(*args, env=None, timeout=TIMEOUT) -> subprocess.CompletedProcess:
-    env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="", **(env or {}))
-    return subprocess.run([sys.executable, str(RUNNER), *map(str, args)], cwd=REPO, env=env, capture_output=True,
-                          text=True, timeout=timeout)
+_RUNNER_MODULE = []
+
+
+def sweep(*args, env=None) -> subprocess.CompletedProcess:
+    """`python sweeps/run.py args...`, run in this process through common.run_cli, as its command line does (a new
+    interpreter would spend seconds importing torch), from the repository with one thread per run and no GPU; the
+    runs it starts are processes as always. Signal tests start a real runner (start_sweep)."""
+    import common
+
+    if not _RUNNER_MODULE:
+        spec = importlib.util.spec_from_file_location("sweep_runner_in_tests", RUNNER)
+        _RUNNER_MODULE.append(importlib.util.module_from_spec(spec))
+        sys.modules[spec.name] = _RUNNER_MODULE[0]  # dataclasses look their module up there
+        spec.loader.exec_module(_RUNNER_MODULE[0])
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.chdir(REPO), contextlib.redirect_stdout(out), contextlib.redirect_stderr(err), \
+            mock.patch.dict(os.environ, {"OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", **(env or {})}), \
+            mock.patch.object(sys, "argv", [str(RUNNER), *map(str, args)]):
+        try:
+            common.run_cli(lambda: sys.exit(_RUNNER_MODULE[0].main([str(a) for a in args])))
+            code = 0
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+        finally:
+            for s, handler in handlers.items():
+                signal.signal(s, handler)
+    return subprocess.CompletedProcess([str(RUNNER), *map(str, args)], code, out.getvalue(), err.getvalue())
 
 
 def ok(proc: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
