@@ -110,15 +110,12 @@ def validate_args(args) -> None:
     common.check_run_flags(args)
     if args.vbn and args.sample_bn == "batch":
         raise E("--sample-bn batch applies to G's BatchNorm; with --vbn G samples with its reference batch")
-    fid_samples = (args.fid_samples, args.fid_samples_final) if args.fid else (None, None)  # 10: IS uses 10 splits
-    for flag, value, low in (("--epochs", args.epochs, 1), ("--max-steps", args.max_steps, 1),
-                             ("--batch-size", args.batch_size, 2), ("--nz", args.nz, 1), ("--ngf", args.ngf, 1),
-                             ("--ndf", args.ndf, 1), ("--hist-avg", args.hist_avg, 0),
-                             ("--eval-every", args.eval_every, 0), ("--fid-samples", fid_samples[0], 10),
-                             ("--fid-samples-final", fid_samples[1], 10), ("--fid-batch-size", args.fid_batch_size, 1),
-                             ("--grid-size", args.grid_size, 1), ("--log-every", args.log_every, 1)):
-        if value is not None and value < low:
-            raise E(f"{flag} must be at least {low}, got {value}")
+    fid_low = 10 if args.fid else -math.inf  # IS uses 10 splits
+    for name, low in (("epochs", 1), ("max_steps", 1), ("batch_size", 2), ("nz", 1), ("ngf", 1), ("ndf", 1),
+                      ("hist_avg", 0), ("eval_every", 0), ("fid_samples", fid_low), ("fid_samples_final", fid_low),
+                      ("fid_batch_size", 1), ("grid_size", 1), ("log_every", 1)):
+        if getattr(args, name) is not None and getattr(args, name) < low:
+            raise E(f"--{name.replace('_', '-')} must be at least {low}, got {getattr(args, name)}")
     for flag, value in (("--lr-g", args.lr_g), ("--lr-d", args.lr_d)):
         if not value > 0:
             raise E(f"{flag} must be positive, got {value}")
@@ -245,20 +242,20 @@ class CudaGraphStep:
     state); each call is one training step, so a run trains and resumes the same steps as without the flag."""
 
     def __init__(self, G, D, opt_d, opt_g, data, args, z_ref, memory_format):
-        self.G, self.D, self.opts, self.data, self.args, self.z_ref = G, D, (opt_d, opt_g), data, args, z_ref
+        self.step_args, self.data, self.memory_format = (G, D, opt_d, opt_g), data, memory_format
+        self.args, self.z_ref, self.calls, self.graph, self.out = args, z_ref, 0, None, None
         self.idx = torch.zeros(args.batch_size, dtype=torch.long, device=data.device)
         self.k = torch.zeros((), device=data.device)
-        self.memory_format, self.calls, self.graph, self.out = memory_format, 0, None, None
 
     def step(self) -> dict:
         x = self.data[self.idx].float().mul_(2.0 / 255.0).sub_(1.0).contiguous(memory_format=self.memory_format)
         z = torch.randn(self.args.batch_size, self.args.nz, device=self.data.device)
-        return train_step(self.G, self.D, *self.opts, x, z, self.k, self.args, self.z_ref)
+        return train_step(*self.step_args, x, z, self.k, self.args, self.z_ref)
 
     def __call__(self, idx: torch.Tensor, k: int) -> dict:
         self.idx.copy_(idx)
         self.k.fill_(k)
-        if self.graph is None and self.calls < 3:
+        if self.graph is None and self.calls < 3:  # warm-up, eager, on a side stream
             self.calls += 1
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())
@@ -267,7 +264,7 @@ class CudaGraphStep:
             torch.cuda.current_stream().wait_stream(side)
             return out
         if self.graph is None:
-            for opt in self.opts:
+            for opt in self.step_args[2:]:
                 opt.zero_grad(set_to_none=True)  # the captured backward passes allocate the gradients
             self.graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(self.graph):

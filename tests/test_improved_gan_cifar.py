@@ -14,7 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import assert_one_line_error, only_run_dir, run_script
+from conftest import assert_one_line_error, only_run_dir, run_script, write_cifar10
 
 import common
 import improved_gan_cifar as igc
@@ -265,13 +265,14 @@ def test_feature_matching_topk_smoke_and_resume(tiny_cifar_dir, tmp_path, monkey
 def test_resume_across_an_epoch_boundary_equals_the_uninterrupted_run(tmp_path):
     """A run cut mid-epoch (k and the lr change at the next boundary) continues to the uninterrupted run's weights
     and evaluation records; --save-every counts epochs."""
-    flags = ["--dataset", "fake", "--fake-size", 21, "--num-labels", 10, "--batch-size", 7, "--epochs", 2,
-             "--lr-decay-start", 0, "--topk", "--mu", 1, "--gamma", 0.5, "--save-every", 1, "--log-every", 1]
+    data = write_cifar10(tmp_path / "cifar", per_class_train=1, per_class_test=1)  # 10 and 10 images
+    flags = ["--num-labels", 10, "--batch-size", 3, "--epochs", 2, "--lr-decay-start", 0, "--topk", "--mu", 1,
+             "--gamma", 0.5, "--save-every", 1, "--log-every", 1]
     whole, cut = tmp_path / "whole", tmp_path / "cut"  # 3 steps per epoch
-    run_main(*tiny_args("unused", whole, *flags))
-    run_main(*tiny_args("unused", cut, *flags, "--max-steps", 4))
+    run_main(*tiny_args(data, whole, *flags))
+    run_main(*tiny_args(data, cut, *flags, "--max-steps", 4))
     ckpt = only_run_dir(cut) / "checkpoints" / "last.pt"
-    run_main(*tiny_args("unused", cut, *flags, "--resume", ckpt))
+    run_main(*tiny_args(data, cut, *flags, "--resume", ckpt))
     a = common.load_checkpoint(only_run_dir(whole) / "checkpoints" / "last.pt")
     b = common.load_checkpoint(ckpt)
     assert a["step"] == b["step"] == 6
@@ -279,7 +280,7 @@ def test_resume_across_an_epoch_boundary_equals_the_uninterrupted_run(tmp_path):
         assert all(torch.equal(a[key][name], b[key][name]) for name in a[key]), key
     ra, rb = (read_jsonl(only_run_dir(d) / "metrics.jsonl") for d in (whole, cut))
     assert evals(ra) == [r for r in evals(rb) if r["step"] != 4]  # less the stopped run's own final evaluation
-    assert [(r["step"], r["k"]) for r in evals(ra)] == [(3, 7), (6, 3)]
+    assert [(r["step"], r["k"]) for r in evals(ra)] == [(3, 3), (6, 1)]
     # one loss line per step here (--log-every 1), so these match too, step for step
     strip = lambda rs: [{k: v for k, v in r.items() if not k.endswith("per_s")} for r in rs if "loss_lab" in r]  # noqa
     assert strip(ra) == strip(rb) and [r["lr"] for r in strip(ra)] == [3e-4] * 3 + [1.5e-4] * 3
@@ -317,7 +318,7 @@ def test_minibatch_disc_with_fid_and_supervised_baseline(tiny_cifar_dir, tmp_pat
     assert "G" not in ckpt and "test_error" in json.loads((only_run_dir(sup) / "summary.json").read_text())
 
 
-def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tiny_cifar_dir, tmp_path, monkeypatch):
+def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
     calls = []
     real_loss = common.feature_matching_loss
 
@@ -328,8 +329,9 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tiny_cifar_dir, tm
     monkeypatch.setattr(common, "feature_matching_loss", nan_on_third_step)
     out = tmp_path / "runs"
     with pytest.raises(common.UserError, match=r"non-finite loss_gen \(nan\) at step 3: .*last good checkpoint: "):
-        run_main(*tiny_args(tiny_cifar_dir, out, "--batch-size", 20, "--epochs", 3, "--save-every", 1))
-    ckpt = common.load_checkpoint(only_run_dir(out) / "checkpoints" / "last.pt")  # 2 steps per epoch
+        run_main(*tiny_args(write_cifar10(tmp_path / "cifar", per_class_train=1, per_class_test=1), out,
+                            "--num-labels", 10, "--batch-size", 5, "--epochs", 3, "--save-every", 1))
+    ckpt = common.load_checkpoint(only_run_dir(out) / "checkpoints" / "last.pt")  # 10 images: 2 steps per epoch
     assert ckpt["step"] == 2 and common.nonfinite_entries(ckpt) == []
 
 

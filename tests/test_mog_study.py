@@ -163,12 +163,12 @@ def test_table1_seconds_per_run_count_the_whole_of_a_resumed_run(tmp_path):
 
 
 def test_one_real_cell_gets_its_config_flags_and_one_thread(tmp_path):
-    proc = subprocess.run([sys.executable, str(REPO / "sweeps" / "mog_table1.py"), "--config", "all", "--modes", "4",
-                           "--variants", "topk", "--seeds", "1", "--iterations", "20", "--jobs", "2", "--cores", "2",
-                           "--no-keep-checkpoints", "--out-dir", str(tmp_path), "--extra", "--hidden-dim", "8",
-                           "--batch-size", "16", "--eval-samples", "100", "--eval-every", "10", "--log-every", "10",
-                           "--mu", "12"],
-                          capture_output=True, text=True, timeout=600)
+    from test_presets import run  # the preset in this process, its run as a process
+
+    proc = run(REPO / "sweeps" / "mog_table1.py", "--config", "all", "--modes", "4", "--variants", "topk", "--seeds", "1",
+               "--iterations", "20", "--jobs", "2", "--cores", "2", "--no-keep-checkpoints", "--out-dir", tmp_path,
+               "--extra", "--hidden-dim", "8", "--batch-size", "16", "--eval-samples", "100", "--eval-every", "10",
+               "--log-every", "10", "--mu", "12")
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     runs = list((tmp_path / "all").glob("mog4_topk__1__*"))
     assert len(runs) == 1
