@@ -242,15 +242,15 @@ class CudaGraphStep:
     state); each call is one training step, so a run trains and resumes the same steps as without the flag."""
 
     def __init__(self, G, D, opt_d, opt_g, data, args, z_ref, memory_format):
-        self.step_args, self.data, self.memory_format = (G, D, opt_d, opt_g), data, memory_format
-        self.args, self.z_ref, self.calls, self.graph, self.out = args, z_ref, 0, None, None
+        self.G, self.D, self.opts, self.data, self.args, self.z_ref = G, D, (opt_d, opt_g), data, args, z_ref
         self.idx = torch.zeros(args.batch_size, dtype=torch.long, device=data.device)
         self.k = torch.zeros((), device=data.device)
+        self.memory_format, self.calls, self.graph, self.out = memory_format, 0, None, None
 
     def step(self) -> dict:
         x = self.data[self.idx].float().mul_(2.0 / 255.0).sub_(1.0).contiguous(memory_format=self.memory_format)
         z = torch.randn(self.args.batch_size, self.args.nz, device=self.data.device)
-        return train_step(*self.step_args, x, z, self.k, self.args, self.z_ref)
+        return train_step(self.G, self.D, *self.opts, x, z, self.k, self.args, self.z_ref)
 
     def __call__(self, idx: torch.Tensor, k: int) -> dict:
         self.idx.copy_(idx)
@@ -264,7 +264,7 @@ class CudaGraphStep:
             torch.cuda.current_stream().wait_stream(side)
             return out
         if self.graph is None:
-            for opt in self.step_args[2:]:
+            for opt in self.opts:
                 opt.zero_grad(set_to_none=True)  # the captured backward passes allocate the gradients
             self.graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(self.graph):
